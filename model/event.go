@@ -1,0 +1,106 @@
+// Package model holds agentstream's persistent data: the agent_events table,
+// its bun model, and the Store that appends to it and reads it back in cursor
+// order.
+//
+// Cursors are event ids. They come from an AUTOINCREMENT primary key, so an id
+// is never handed out twice, even after the rows below it are pruned; a client
+// that resumes "after id N" can rely on that.
+package model
+
+import (
+	"encoding/json"
+	"time"
+
+	"github.com/uptrace/bun"
+)
+
+// Event is one row of agent_events: something an agent did, in the order the
+// store committed it.
+type Event struct {
+	bun.BaseModel `bun:"table:agent_events"`
+
+	ID        int64           `bun:"id,pk,autoincrement"`
+	TownID    string          `bun:"town_id,notnull"`
+	RigID     string          `bun:"rig_id,notnull"`
+	AgentID   string          `bun:"agent_id,notnull"`
+	Type      string          `bun:"type,notnull"`
+	Data      json.RawMessage `bun:"data,type:text,notnull"`
+	CreatedAt time.Time       `bun:"created_at,notnull"`
+}
+
+// TimeFormat is how created_at is written on the wire: RFC 3339 in UTC with
+// milliseconds, so that clients in any language parse it and sort it as text.
+const TimeFormat = "2006-01-02T15:04:05.000Z07:00"
+
+// wireEvent is Event as every API and stream format writes it.
+type wireEvent struct {
+	ID        int64           `json:"id"`
+	TownID    string          `json:"town_id"`
+	RigID     string          `json:"rig_id"`
+	AgentID   string          `json:"agent_id"`
+	Type      string          `json:"type"`
+	Data      json.RawMessage `json:"data"`
+	CreatedAt string          `json:"created_at"`
+}
+
+// MarshalJSON writes the event in its one wire shape (see DESIGN.md).
+func (e Event) MarshalJSON() ([]byte, error) {
+	data := e.Data
+	if len(data) == 0 {
+		data = json.RawMessage("null")
+	}
+	return json.Marshal(wireEvent{
+		ID:        e.ID,
+		TownID:    e.TownID,
+		RigID:     e.RigID,
+		AgentID:   e.AgentID,
+		Type:      e.Type,
+		Data:      data,
+		CreatedAt: e.CreatedAt.UTC().Format(TimeFormat),
+	})
+}
+
+// UnmarshalJSON reads the wire shape back, for clients of the API.
+func (e *Event) UnmarshalJSON(b []byte) error {
+	var w wireEvent
+	if err := json.Unmarshal(b, &w); err != nil {
+		return err
+	}
+	t, err := time.Parse(time.RFC3339Nano, w.CreatedAt)
+	if err != nil && w.CreatedAt != "" {
+		return err
+	}
+	*e = Event{ID: w.ID, TownID: w.TownID, RigID: w.RigID, AgentID: w.AgentID, Type: w.Type, Data: w.Data, CreatedAt: t}
+	return nil
+}
+
+// AgentKey names one agent's stream. Rig may be empty, meaning any rig of the
+// town; Town and Agent are always set, so that one town never reads another's
+// events even when agent ids collide.
+type AgentKey struct {
+	Town  string
+	Rig   string
+	Agent string
+}
+
+// AgentSummary is what the agent list shows: an agent and its latest event.
+type AgentSummary struct {
+	AgentID     string    `json:"agent_id"`
+	RigID       string    `json:"rig_id"`
+	LastEventID int64     `json:"last_event_id"`
+	LastType    string    `json:"last_type"`
+	LastEventAt time.Time `json:"-"`
+	Exited      bool      `json:"exited"`
+}
+
+// MarshalJSON writes last_event_at in the wire time format.
+func (a AgentSummary) MarshalJSON() ([]byte, error) {
+	type plain AgentSummary
+	return json.Marshal(struct {
+		plain
+		LastEventAt string `json:"last_event_at"`
+	}{plain(a), a.LastEventAt.UTC().Format(TimeFormat)})
+}
+
+// TypeExited is the event type that ends an agent's stream.
+const TypeExited = "agent.exited"

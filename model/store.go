@@ -1,0 +1,436 @@
+package model
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/uptrace/bun"
+	"github.com/uptrace/bun/dialect/sqlitedialect"
+
+	// modernc.org/sqlite is SQLite compiled to pure Go: the binary needs no
+	// cgo and no system library, so `go run .` works on a bare machine.
+	_ "modernc.org/sqlite"
+)
+
+// DefaultRetain is how many events per agent the store keeps by default.
+const DefaultRetain = 2000
+
+// maxGroup bounds the events one group commit writes, so one transaction
+// stays short and its SQL text stays small.
+const maxGroup = 4096
+
+// ErrClosed is returned by Append after Close.
+var ErrClosed = errors.New("store closed")
+
+// Options tunes a Store. The zero value is the production default.
+type Options struct {
+	// Retain is how many of the newest events per agent are kept; older ones
+	// are pruned in the background. 0 means DefaultRetain; negative keeps all.
+	Retain int
+	// PruneEvery is the least time between two pruning passes (default 1 s).
+	PruneEvery time.Duration
+	// NoGroupCommit gives every Append its own transaction. It exists to
+	// measure what group commit buys; nothing else should set it.
+	NoGroupCommit bool
+	// Logger receives background errors (pruning). Default: slog.Default().
+	Logger *slog.Logger
+}
+
+// Store is agent_events behind a bun DB.
+//
+// Writes go through one writer goroutine: concurrent Appends queue on a
+// channel and the writer commits everything queued in one transaction (group
+// commit), so the cost of a commit — an fsync — is shared by all of them and
+// throughput grows with load. SQLite takes one writer at a time anyway; a
+// single writer also means no SQLITE_BUSY between our own writes.
+type Store struct {
+	db   *bun.DB
+	opts Options
+	log  *slog.Logger
+
+	mu      sync.RWMutex // guards closed against sends on appendc
+	closed  bool
+	appendc chan *appendReq
+	wdone   chan struct{}
+
+	dirtyMu sync.Mutex
+	dirty   map[string]struct{} // agents appended to since the last prune
+	prunec  chan struct{}       // wakes the pruner; capacity 1
+	pstop   chan struct{}
+	pdone   chan struct{}
+}
+
+type appendReq struct {
+	events []Event
+	done   chan error // capacity 1: the writer never blocks on it
+}
+
+// Open opens (creating it if needed) the database named by dsn and brings its
+// schema up to date. dsn is "sqlite:PATH", or a bare PATH.
+//
+// SQLite runs in WAL mode with synchronous=FULL: a commit is fsynced to the
+// WAL before Append returns, so an acknowledged event survives kill -9 of the
+// process and also power loss. Group commit is what keeps that affordable.
+func Open(ctx context.Context, dsn string, opts Options) (*Store, error) {
+	path, ok := strings.CutPrefix(dsn, "sqlite:")
+	if !ok && strings.Contains(dsn, "://") {
+		return nil, fmt.Errorf("open %q: only sqlite databases are supported by this build", redact(dsn))
+	}
+	if path == "" {
+		return nil, errors.New("open: empty sqlite path")
+	}
+	if dir := filepath.Dir(path); dir != "" {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("open: %w", err)
+		}
+	}
+	q := url.Values{}
+	q.Add("_pragma", "journal_mode(WAL)")
+	q.Add("_pragma", "synchronous(FULL)")
+	q.Add("_pragma", "busy_timeout(10000)")
+	// BEGIN IMMEDIATE takes the write lock up front, so two writers (another
+	// process on the same file) wait for each other instead of failing on a
+	// lock upgrade.
+	q.Set("_txlock", "immediate")
+	sqldb, err := sql.Open("sqlite", "file:"+path+"?"+q.Encode())
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	sqldb.SetMaxOpenConns(8)
+	sqldb.SetMaxIdleConns(8)
+	db := bun.NewDB(sqldb, sqlitedialect.New())
+	if err := db.PingContext(ctx); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	if err := runMigrations(ctx, db); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	return newStore(db, opts), nil
+}
+
+func newStore(db *bun.DB, opts Options) *Store {
+	if opts.Retain == 0 {
+		opts.Retain = DefaultRetain
+	}
+	if opts.PruneEvery <= 0 {
+		opts.PruneEvery = time.Second
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	s := &Store{
+		db:      db,
+		opts:    opts,
+		log:     log,
+		appendc: make(chan *appendReq, 1024),
+		wdone:   make(chan struct{}),
+		dirty:   make(map[string]struct{}),
+		prunec:  make(chan struct{}, 1),
+		pstop:   make(chan struct{}),
+		pdone:   make(chan struct{}),
+	}
+	go s.writeLoop()
+	go s.pruneLoop()
+	return s
+}
+
+// DB is the underlying bun DB, for other models (and tests) sharing the file.
+func (s *Store) DB() *bun.DB { return s.db }
+
+// Ping reports whether the database answers.
+func (s *Store) Ping(ctx context.Context) error {
+	var one int
+	return s.db.NewRaw("SELECT 1").Scan(ctx, &one)
+}
+
+// Append commits events in one transaction, in order, and sets their ID (and
+// CreatedAt, when zero). When it returns nil the events are durable. Appends
+// from many goroutines are committed together; each caller's events stay
+// contiguous and in the order given.
+//
+// If ctx ends first Append returns its error, but events already queued may
+// still be committed.
+func (s *Store) Append(ctx context.Context, events []Event) error {
+	if len(events) == 0 {
+		return nil
+	}
+	// The database keeps microseconds; cut them here so that what Append
+	// hands back equals what After reads.
+	now := time.Now().UTC().Truncate(time.Microsecond)
+	for i := range events {
+		if events[i].CreatedAt.IsZero() {
+			events[i].CreatedAt = now
+		} else {
+			events[i].CreatedAt = events[i].CreatedAt.UTC().Truncate(time.Microsecond)
+		}
+	}
+	r := &appendReq{events: events, done: make(chan error, 1)}
+	s.mu.RLock()
+	if s.closed {
+		s.mu.RUnlock()
+		return ErrClosed
+	}
+	select {
+	case s.appendc <- r:
+		s.mu.RUnlock()
+	case <-ctx.Done():
+		s.mu.RUnlock()
+		return ctx.Err()
+	}
+	select {
+	case err := <-r.done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (s *Store) writeLoop() {
+	defer close(s.wdone)
+	var group []*appendReq
+	for r := range s.appendc {
+		group = append(group[:0], r)
+		n := len(r.events)
+	drain:
+		for !s.opts.NoGroupCommit && n < maxGroup {
+			select {
+			case r, ok := <-s.appendc:
+				if !ok {
+					break drain
+				}
+				group = append(group, r)
+				n += len(r.events)
+			default:
+				break drain
+			}
+		}
+		err := s.commit(group)
+		for _, r := range group {
+			r.done <- err
+		}
+		if err == nil {
+			s.markDirty(group)
+		}
+		clear(group) // drop references to the callers' slices
+	}
+}
+
+// commit writes a group in one transaction. It does not take a caller's
+// context: one caller giving up must not abort the others' events.
+func (s *Store) commit(group []*appendReq) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return s.db.RunInTx(ctx, nil, func(ctx context.Context, tx bun.Tx) error {
+		for _, r := range group {
+			for evs := range slices.Chunk(r.events, 500) {
+				if err := insertEvents(ctx, tx, evs); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	})
+}
+
+func insertEvents(ctx context.Context, tx bun.Tx, evs []Event) error {
+	for i := range evs {
+		evs[i].ID = 0
+	}
+	if _, err := tx.NewInsert().Model(&evs).Returning("id").Exec(ctx); err != nil {
+		return fmt.Errorf("append: %w", err)
+	}
+	// One INSERT assigns ids in VALUES order; RETURNING's row order is not
+	// promised, so put the ids back in ascending order to be sure.
+	if !slices.IsSortedFunc(evs, func(a, b Event) int { return int(a.ID - b.ID) }) {
+		ids := make([]int64, len(evs))
+		for i := range evs {
+			ids[i] = evs[i].ID
+		}
+		slices.Sort(ids)
+		for i := range evs {
+			evs[i].ID = ids[i]
+		}
+	}
+	return nil
+}
+
+// After returns up to limit events of one agent with id > afterID, in id order.
+func (s *Store) After(ctx context.Context, k AgentKey, afterID int64, limit int) ([]Event, error) {
+	evs := make([]Event, 0, min(limit, 256))
+	q := s.db.NewSelect().Model(&evs).
+		Where("agent_id = ?", k.Agent).
+		Where("id > ?", afterID).
+		Where("town_id = ?", k.Town).
+		OrderExpr("id ASC").
+		Limit(int64(limit))
+	if k.Rig != "" {
+		q = q.Where("rig_id = ?", k.Rig)
+	}
+	if err := q.Scan(ctx); err != nil && !errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("read events of %s: %w", k.Agent, err)
+	}
+	return evs, nil
+}
+
+// Agents lists the agents of a town that have events, newest activity first.
+func (s *Store) Agents(ctx context.Context, town string) ([]AgentSummary, error) {
+	var evs []Event
+	err := s.db.NewSelect().Model(&evs).
+		Where("id IN (?)", s.db.NewSelect().Model((*Event)(nil)).
+			ColumnExpr("MAX(id)").Where("town_id = ?", town).Group("agent_id")).
+		OrderExpr("id DESC").
+		Scan(ctx)
+	if err != nil && !errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("list agents of %s: %w", town, err)
+	}
+	out := make([]AgentSummary, len(evs))
+	for i, e := range evs {
+		out[i] = AgentSummary{
+			AgentID:     e.AgentID,
+			RigID:       e.RigID,
+			LastEventID: e.ID,
+			LastType:    e.Type,
+			LastEventAt: e.CreatedAt,
+			Exited:      e.Type == TypeExited,
+		}
+	}
+	return out, nil
+}
+
+func (s *Store) markDirty(group []*appendReq) {
+	if s.opts.Retain < 0 {
+		return
+	}
+	s.dirtyMu.Lock()
+	for _, r := range group {
+		for i := range r.events {
+			s.dirty[r.events[i].AgentID] = struct{}{}
+		}
+	}
+	s.dirtyMu.Unlock()
+	select {
+	case s.prunec <- struct{}{}:
+	default:
+	}
+}
+
+// pruneLoop deletes what retention no longer keeps, off the ingest path and
+// at most once per PruneEvery, in small transactions that let appends in
+// between.
+func (s *Store) pruneLoop() {
+	defer close(s.pdone)
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.prunec:
+		case <-s.pstop:
+			return
+		}
+		if err := s.Prune(context.Background()); err != nil {
+			s.log.Error("prune", "err", err)
+		}
+		t.Reset(s.opts.PruneEvery)
+		select {
+		case <-t.C:
+		case <-s.pstop:
+			return
+		}
+	}
+}
+
+// Prune deletes, for every agent appended to since the last pass, the events
+// older than its newest Retain. It runs in the background; tests and
+// operators may call it to prune now.
+func (s *Store) Prune(ctx context.Context) error {
+	s.dirtyMu.Lock()
+	agents := make([]string, 0, len(s.dirty))
+	for a := range s.dirty {
+		agents = append(agents, a)
+	}
+	clear(s.dirty)
+	s.dirtyMu.Unlock()
+	for _, a := range agents {
+		if err := s.pruneAgent(ctx, a); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *Store) pruneAgent(ctx context.Context, agent string) error {
+	if s.opts.Retain < 0 {
+		return nil
+	}
+	var cutoff int64
+	err := s.db.NewSelect().Model((*Event)(nil)).Column("id").
+		Where("agent_id = ?", agent).OrderExpr("id DESC").
+		Offset(int64(s.opts.Retain)).Limit(1).Scan(ctx, &cutoff)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("prune %s: %w", agent, err)
+	}
+	for {
+		res, err := s.db.NewDelete().Model((*Event)(nil)).
+			Where("id IN (?)", s.db.NewSelect().Model((*Event)(nil)).Column("id").
+				Where("agent_id = ?", agent).Where("id <= ?", cutoff).
+				OrderExpr("id ASC").Limit(500)).
+			Exec(ctx)
+		if err != nil {
+			return fmt.Errorf("prune %s: %w", agent, err)
+		}
+		if n, _ := res.RowsAffected(); n < 500 {
+			return nil
+		}
+	}
+}
+
+// Oldest returns the smallest id still held for an agent, or 0 if none.
+func (s *Store) Oldest(ctx context.Context, k AgentKey) (int64, error) {
+	evs, err := s.After(ctx, k, 0, 1)
+	if err != nil || len(evs) == 0 {
+		return 0, err
+	}
+	return evs[0].ID, nil
+}
+
+// Close stops accepting appends, commits what is queued, stops the pruner and
+// closes the database.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	close(s.appendc)
+	s.mu.Unlock()
+	<-s.wdone
+	close(s.pstop)
+	<-s.pdone
+	return s.db.Close()
+}
+
+// redact drops a password from a database URL before it is shown.
+func redact(dsn string) string {
+	u, err := url.Parse(dsn)
+	if err != nil {
+		return "<unparsable url>"
+	}
+	return u.Redacted()
+}

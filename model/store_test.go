@@ -1,0 +1,207 @@
+package model
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"sync"
+	"testing"
+)
+
+func openTemp(t testing.TB, opts Options) *Store {
+	t.Helper()
+	s, err := Open(context.Background(), filepath.Join(t.TempDir(), "agentstream.db"), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func ev(town, rig, agent, typ string, n int) Event {
+	return Event{TownID: town, RigID: rig, AgentID: agent, Type: typ, Data: json.RawMessage(fmt.Sprintf(`{"n":%d}`, n))}
+}
+
+func TestAppendAfterRoundTrip(t *testing.T) {
+	ctx := context.Background()
+	s := openTemp(t, Options{})
+	batch := []Event{ev("t", "r", "a", "x.one", 1), ev("t", "r", "a", "x.two", 2), ev("t", "r", "b", "x.one", 3)}
+	if err := s.Append(ctx, batch); err != nil {
+		t.Fatal(err)
+	}
+	if !(batch[0].ID > 0 && batch[1].ID == batch[0].ID+1 && batch[2].ID == batch[1].ID+1) {
+		t.Fatalf("ids not consecutive in batch order: %d %d %d", batch[0].ID, batch[1].ID, batch[2].ID)
+	}
+	got, err := s.After(ctx, AgentKey{Town: "t", Agent: "a"}, 0, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0].ID != batch[0].ID || got[1].Type != "x.two" || string(got[1].Data) != `{"n":2}` {
+		t.Fatalf("After = %+v", got)
+	}
+	if !got[0].CreatedAt.Equal(batch[0].CreatedAt) {
+		t.Fatalf("created_at %v, want %v", got[0].CreatedAt, batch[0].CreatedAt)
+	}
+	// Another town never sees these events, even with the same agent id.
+	other, err := s.After(ctx, AgentKey{Town: "u", Agent: "a"}, 0, 10)
+	if err != nil || len(other) != 0 {
+		t.Fatalf("other town read %d events, err %v", len(other), err)
+	}
+	agents, err := s.Agents(ctx, "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(agents) != 2 || agents[0].AgentID != "b" || agents[1].AgentID != "a" || agents[1].LastType != "x.two" {
+		t.Fatalf("Agents = %+v", agents)
+	}
+}
+
+// TestConcurrentAppendsAndPruning: 16 writers on 4 agents; every agent's ids
+// strictly increase, none is lost, and pruning keeps the newest Retain with
+// ids still increasing afterwards.
+func TestConcurrentAppendsAndPruning(t *testing.T) {
+	ctx := context.Background()
+	s := openTemp(t, Options{})
+	const writers, perWriter = 16, 200 // 800 events per agent per round
+	agents := []string{"a0", "a1", "a2", "a3"}
+	round := func(base int) map[string][]int64 {
+		var mu sync.Mutex
+		acked := map[string][]int64{}
+		var wg sync.WaitGroup
+		for w := range writers {
+			wg.Go(func() {
+				agent := agents[w%len(agents)]
+				for i := range perWriter {
+					batch := []Event{ev("t", "r", agent, "step", base+i)}
+					if i%10 == 0 { // some batches too
+						batch = append(batch, ev("t", "r", agent, "step", base+i), ev("t", "r", agent, "step", base+i))
+					}
+					if err := s.Append(ctx, batch); err != nil {
+						t.Error(err)
+						return
+					}
+					mu.Lock()
+					for _, e := range batch {
+						acked[agent] = append(acked[agent], e.ID)
+					}
+					mu.Unlock()
+				}
+			})
+		}
+		wg.Wait()
+		return acked
+	}
+	acked := round(0)
+	for _, a := range agents {
+		got := readAll(t, s, a)
+		if len(got) != len(acked[a]) {
+			t.Fatalf("%s: read %d events, acknowledged %d", a, len(got), len(acked[a]))
+		}
+		assertIncreasing(t, a, got)
+		ids := map[int64]bool{}
+		for _, e := range got {
+			ids[e.ID] = true
+		}
+		for _, id := range acked[a] {
+			if !ids[id] {
+				t.Fatalf("%s: acknowledged id %d not read back", a, id)
+			}
+		}
+	}
+	// Two more rounds take every agent past DefaultRetain.
+	round(1000)
+	last := round(2000)
+	if err := s.Prune(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range agents {
+		got := readAll(t, s, a)
+		if len(got) != DefaultRetain {
+			t.Fatalf("%s: %d events after pruning, want %d", a, len(got), DefaultRetain)
+		}
+		assertIncreasing(t, a, got)
+		maxAcked := int64(0)
+		for _, id := range last[a] {
+			maxAcked = max(maxAcked, id)
+		}
+		if got[len(got)-1].ID != maxAcked {
+			t.Fatalf("%s: newest kept %d, newest acknowledged %d", a, got[len(got)-1].ID, maxAcked)
+		}
+		// Ids go on increasing after pruning: no id is reused.
+		next := []Event{ev("t", "r", a, "after.prune", 0)}
+		if err := s.Append(ctx, next); err != nil {
+			t.Fatal(err)
+		}
+		if next[0].ID <= maxAcked {
+			t.Fatalf("%s: id %d after pruning is not above %d", a, next[0].ID, maxAcked)
+		}
+	}
+}
+
+func TestIDsNeverReusedAfterPruningEverything(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "agentstream.db")
+	s, err := Open(ctx, path, Options{Retain: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	evs := []Event{ev("t", "r", "a", "x", 1), ev("t", "r", "a", "x", 2)}
+	if err := s.Append(ctx, evs); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Prune(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.DB().NewDelete().Model((*Event)(nil)).Where("1 = 1").Exec(ctx); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s, err = Open(ctx, path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	next := []Event{ev("t", "r", "a", "x", 3)}
+	if err := s.Append(ctx, next); err != nil {
+		t.Fatal(err)
+	}
+	if next[0].ID <= evs[1].ID {
+		t.Fatalf("id %d reused after the table was emptied (last was %d)", next[0].ID, evs[1].ID)
+	}
+}
+
+func TestAppendAfterCloseFails(t *testing.T) {
+	s := openTemp(t, Options{})
+	s.Close()
+	if err := s.Append(context.Background(), []Event{ev("t", "r", "a", "x", 1)}); err != ErrClosed {
+		t.Fatalf("Append after Close: %v, want ErrClosed", err)
+	}
+}
+
+func readAll(t *testing.T, s *Store, agent string) []Event {
+	t.Helper()
+	var all []Event
+	var after int64
+	for {
+		evs, err := s.After(context.Background(), AgentKey{Town: "t", Agent: agent}, after, 1000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(evs) == 0 {
+			return all
+		}
+		all = append(all, evs...)
+		after = evs[len(evs)-1].ID
+	}
+}
+
+func assertIncreasing(t *testing.T, agent string, evs []Event) {
+	t.Helper()
+	for i := 1; i < len(evs); i++ {
+		if evs[i].ID <= evs[i-1].ID {
+			t.Fatalf("%s: id %d follows %d", agent, evs[i].ID, evs[i-1].ID)
+		}
+	}
+}
