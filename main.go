@@ -1,0 +1,223 @@
+// Command agentstream serves live, resumable streams of AI agents' events.
+//
+// This file parses the command line and delegates; see DESIGN.md for the
+// commands and the README for a walk-through.
+package main
+
+import (
+	"context"
+	"embed"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/agentstream/agentstream/server"
+)
+
+// demoSessions are the recorded agent sessions `serve --demo` replays.
+//
+//go:embed testdata/demo/*.jsonl
+var demoSessions embed.FS
+
+const usage = `agentstream: watch AI agents work, live.
+
+Usage:
+  agentstream serve  [--addr 127.0.0.1:8080] [--data ./agentstream-data] [--db URL] [--demo]
+  agentstream token agent  --town T --rig R --agent A [--ttl 24h] [--data DIR]
+  agentstream token viewer --town T [--ttl 24h] [--data DIR]
+
+Every flag also reads AGENTSTREAM_<FLAG> from the environment; a flag wins.
+Run "agentstream COMMAND -h" for a command's flags.
+`
+
+// usageError is bad usage: exit status 2 with a one-line reason.
+type usageError struct{ msg string }
+
+func (e usageError) Error() string { return e.msg }
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// run is main with its inputs and outputs passed in; it returns the exit
+// status: 0 done, 1 runtime failure, 2 bad usage.
+func run(args []string, stdout, stderr io.Writer) int {
+	err := dispatch(args, stdout, stderr)
+	var ue usageError
+	switch {
+	case err == nil, errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.As(err, &ue):
+		fmt.Fprintf(stderr, "agentstream: %s\n", ue.msg)
+		return 2
+	default:
+		fmt.Fprintf(stderr, "agentstream: %v\n", err)
+		return 1
+	}
+}
+
+func dispatch(args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return usageError{"no command given"}
+	}
+	switch args[0] {
+	case "serve":
+		return cmdServe(args[1:], stdout, stderr)
+	case "token":
+		return cmdToken(args[1:], stdout, stderr)
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	fmt.Fprint(stderr, usage)
+	return usageError{fmt.Sprintf("unknown command %q", args[0])}
+}
+
+// newFlags returns a FlagSet that reports errors instead of exiting.
+func newFlags(name string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	return fs
+}
+
+// parse parses args, then fills every flag not given on the command line
+// from AGENTSTREAM_<NAME> (upper case, '-' as '_'), so a flag wins over its
+// variable.
+func parse(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return usageError{err.Error()}
+	}
+	if fs.NArg() > 0 {
+		return usageError{fmt.Sprintf("unexpected argument %q", fs.Arg(0))}
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		env := "AGENTSTREAM_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v, ok := os.LookupEnv(env); ok && !set[f.Name] && err == nil {
+			if e := f.Value.Set(v); e != nil {
+				err = usageError{fmt.Sprintf("%s=%q: %v", env, v, e)}
+			}
+		}
+	})
+	return err
+}
+
+func cmdServe(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("serve", stderr)
+	addr := fs.String("addr", "127.0.0.1:8080", "listen address")
+	data := fs.String("data", "./agentstream-data", "data directory: SQLite file and generated secret")
+	db := fs.String("db", "", "database: sqlite:PATH (default DATA/agentstream.db)")
+	retain := fs.Int("retain", 2000, "events kept per agent; older ones are pruned")
+	demo := fs.Bool("demo", false, "replay recorded agent sessions in town \"demo\" and print a dashboard link")
+	logFormat := fs.String("log-format", "text", "log format: text or json")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if *retain < 1 {
+		return usageError{"--retain must be at least 1"}
+	}
+	log, err := newLogger(*logFormat, stderr)
+	if err != nil {
+		return err
+	}
+	cfg := server.Config{
+		Addr: *addr, DataDir: *data, DB: *db, Retain: *retain,
+		Secret: os.Getenv("AGENTSTREAM_SECRET"), Log: log, Out: stdout,
+	}
+	if *demo {
+		if cfg.Demo, err = loadDemo(); err != nil {
+			return err
+		}
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return server.Serve(ctx, cfg)
+}
+
+func loadDemo() ([][]server.RecordedEvent, error) {
+	names, err := fs.Glob(demoSessions, "testdata/demo/*.jsonl")
+	if err != nil {
+		return nil, err
+	}
+	var out [][]server.RecordedEvent
+	for _, name := range names {
+		b, err := demoSessions.ReadFile(name)
+		if err != nil {
+			return nil, err
+		}
+		s, err := server.ParseSession(b)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+		out = append(out, s)
+	}
+	return out, nil
+}
+
+func newLogger(format string, w io.Writer) (*slog.Logger, error) {
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, nil)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, nil)), nil
+	}
+	return nil, usageError{fmt.Sprintf("--log-format must be text or json, not %q", format)}
+}
+
+func cmdToken(args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 || (args[0] != "agent" && args[0] != "viewer") {
+		return usageError{"token needs a kind: agent or viewer"}
+	}
+	kind := args[0]
+	fs := newFlags("token "+kind, stderr)
+	town := fs.String("town", "", "town the token is for")
+	rig := fs.String("rig", "", "rig of the agent (agent tokens)")
+	agent := fs.String("agent", "", "agent id, the token's subject (agent tokens)")
+	ttl := fs.Duration("ttl", 24*time.Hour, "token lifetime")
+	data := fs.String("data", "./agentstream-data", "data directory holding the server's secret")
+	if err := parse(fs, args[1:]); err != nil {
+		return err
+	}
+	if *town == "" {
+		return usageError{"--town is required"}
+	}
+	if kind == "agent" && (*rig == "" || *agent == "") {
+		return usageError{"an agent token needs --rig and --agent"}
+	}
+	if *ttl <= 0 {
+		return usageError{"--ttl must be positive"}
+	}
+	secret, err := server.LoadSecret(os.Getenv("AGENTSTREAM_SECRET"), *data)
+	if err != nil {
+		return err
+	}
+	auth, err := server.NewAuth(secret)
+	if err != nil {
+		return err
+	}
+	var tok string
+	if kind == "agent" {
+		tok, err = auth.MintAgent(*town, *rig, *agent, *ttl)
+	} else {
+		tok, err = auth.MintViewer(*town, *ttl)
+	}
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, tok)
+	return nil
+}

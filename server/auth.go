@@ -1,0 +1,160 @@
+package server
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+)
+
+// Token scopes.
+const (
+	ScopeAgent  = "agent"  // may post events as its sub, in its rig and town
+	ScopeViewer = "viewer" // may read every agent of its town
+)
+
+// Claims is what an agentstream token says about its bearer.
+type Claims struct {
+	Scope string `json:"scope"`
+	Town  string `json:"town"`
+	Rig   string `json:"rig,omitempty"`
+	jwt.RegisteredClaims
+}
+
+// Auth mints and verifies the server's HS256 tokens.
+type Auth struct {
+	key []byte
+}
+
+// NewAuth returns an Auth for secret, which must be at least 32 bytes.
+func NewAuth(secret []byte) (*Auth, error) {
+	if len(secret) < 32 {
+		return nil, fmt.Errorf("secret is %d bytes; at least 32 are needed", len(secret))
+	}
+	return &Auth{key: secret}, nil
+}
+
+// MintAgent returns a token that lets agent post events in rig of town.
+func (a *Auth) MintAgent(town, rig, agent string, ttl time.Duration) (string, error) {
+	if town == "" || rig == "" || agent == "" {
+		return "", errors.New("an agent token needs a town, a rig and an agent")
+	}
+	return a.mint(Claims{Scope: ScopeAgent, Town: town, Rig: rig, RegisteredClaims: jwt.RegisteredClaims{Subject: agent}}, ttl)
+}
+
+// MintViewer returns a token that lets its bearer watch every agent of town.
+func (a *Auth) MintViewer(town string, ttl time.Duration) (string, error) {
+	if town == "" {
+		return "", errors.New("a viewer token needs a town")
+	}
+	return a.mint(Claims{Scope: ScopeViewer, Town: town}, ttl)
+}
+
+func (a *Auth) mint(c Claims, ttl time.Duration) (string, error) {
+	if ttl <= 0 {
+		return "", errors.New("token lifetime must be positive")
+	}
+	now := time.Now()
+	c.IssuedAt = jwt.NewNumericDate(now)
+	c.ExpiresAt = jwt.NewNumericDate(now.Add(ttl))
+	return jwt.NewWithClaims(jwt.SigningMethodHS256, c).SignedString(a.key)
+}
+
+// Verify checks a token's signature (HS256 only: "none" and every other
+// algorithm are refused), requires an unexpired exp, and checks that the
+// claims fit the scope.
+func (a *Auth) Verify(token string) (*Claims, error) {
+	var c Claims
+	_, err := jwt.ParseWithClaims(token, &c, func(*jwt.Token) (any, error) { return a.key, nil },
+		jwt.WithValidMethods([]string{jwt.SigningMethodHS256.Alg()}),
+		jwt.WithExpirationRequired(),
+		jwt.WithLeeway(5*time.Second),
+	)
+	if err != nil {
+		return nil, err
+	}
+	switch c.Scope {
+	case ScopeAgent:
+		if c.Subject == "" || c.Rig == "" || c.Town == "" {
+			return nil, errors.New("agent token lacks sub, rig or town")
+		}
+	case ScopeViewer:
+		if c.Town == "" {
+			return nil, errors.New("viewer token lacks town")
+		}
+	default:
+		return nil, fmt.Errorf("unknown scope %q", c.Scope)
+	}
+	return &c, nil
+}
+
+// authenticate reads the Bearer token of r.
+func (a *Auth) authenticate(r *http.Request) (*Claims, *apiError) {
+	h := r.Header.Get("Authorization")
+	if h == "" {
+		return nil, errorf(http.StatusUnauthorized, "missing_token", "An Authorization: Bearer token is required.")
+	}
+	scheme, tok, ok := strings.Cut(h, " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") || strings.TrimSpace(tok) == "" {
+		return nil, errorf(http.StatusUnauthorized, "invalid_token", "The Authorization header must be \"Bearer <token>\".")
+	}
+	c, err := a.Verify(strings.TrimSpace(tok))
+	if errors.Is(err, jwt.ErrTokenExpired) {
+		return nil, errorf(http.StatusUnauthorized, "token_expired", "The token has expired; mint a new one.")
+	}
+	if err != nil {
+		return nil, errorf(http.StatusUnauthorized, "invalid_token", "The token is not valid: "+err.Error()+".")
+	}
+	return c, nil
+}
+
+// LoadSecret returns the server secret: env when set, else the one stored in
+// dir/secret, generated there (mode 0600) on first use. The file is what lets
+// `agentstream token --data DIR` mint tokens a server on DIR accepts.
+func LoadSecret(env, dir string) ([]byte, error) {
+	if env != "" {
+		return []byte(env), nil
+	}
+	path := filepath.Join(dir, "secret")
+	b, err := os.ReadFile(path)
+	if err == nil {
+		s := strings.TrimSpace(string(b))
+		if len(s) < 32 {
+			return nil, fmt.Errorf("secret in %s is too short; delete it to generate a new one", path)
+		}
+		return []byte(s), nil
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("read secret: %w", err)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create data dir: %w", err)
+	}
+	raw := make([]byte, 32)
+	rand.Read(raw)
+	s := hex.EncodeToString(raw)
+	// O_EXCL: if another process (serve and token started together) wrote it
+	// first, read theirs instead of overwriting it.
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if errors.Is(err, os.ErrExist) {
+		return LoadSecret("", dir)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("write secret: %w", err)
+	}
+	if _, err := f.WriteString(s + "\n"); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("write secret: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return nil, fmt.Errorf("write secret: %w", err)
+	}
+	return []byte(s), nil
+}

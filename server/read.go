@@ -1,0 +1,105 @@
+package server
+
+import (
+	"fmt"
+	"net/http"
+	"strconv"
+
+	"github.com/agentstream/agentstream/model"
+)
+
+// Read limits for GET .../events.
+const (
+	DefaultLimit = 100
+	MaxLimit     = 1000
+)
+
+// handleEvents is GET /api/rigs/{rigId}/agents/{agentId}/events: one page of
+// an agent's history after a cursor.
+func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
+	c, aerr := s.auth.authenticate(r)
+	if aerr != nil {
+		writeError(w, aerr)
+		return
+	}
+	rig, agent := r.PathValue("rigId"), r.PathValue("agentId")
+	if c.Scope == ScopeAgent && (c.Subject != agent || c.Rig != rig) {
+		writeError(w, errorf(http.StatusForbidden, "wrong_agent", "An agent token reads only its own events; use a viewer token."))
+		return
+	}
+	q := r.URL.Query()
+	after, aerr := parseCursor(q.Get("after_id"), "after_id")
+	if aerr != nil {
+		writeError(w, aerr)
+		return
+	}
+	limit := DefaultLimit
+	if v := q.Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > MaxLimit {
+			writeError(w, errorf(http.StatusBadRequest, "invalid_limit", fmt.Sprintf("limit must be an integer from 1 to %d.", MaxLimit)))
+			return
+		}
+		limit = n
+	}
+	key := model.AgentKey{Town: c.Town, Rig: rig, Agent: agent}
+	evs, err := s.store.After(r.Context(), key, after, limit+1)
+	if err != nil {
+		s.storeFailed(w, "after", err)
+		return
+	}
+	more := len(evs) > limit
+	evs = evs[:min(len(evs), limit)]
+	next := after
+	if len(evs) > 0 {
+		next = evs[len(evs)-1].ID
+	}
+	writeJSON(w, http.StatusOK, struct {
+		Events      []model.Event `json:"events"`
+		NextAfterID int64         `json:"next_after_id"`
+		HasMore     bool          `json:"has_more"`
+	}{evs, next, more})
+}
+
+// parseCursor reads an event id cursor: empty is 0; otherwise a base-10
+// integer >= 0 that fits in 63 bits.
+func parseCursor(v, name string) (int64, *apiError) {
+	if v == "" {
+		return 0, nil
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || n < 0 {
+		return 0, errorf(http.StatusBadRequest, "invalid_cursor", fmt.Sprintf("%s must be an event id: an integer >= 0.", name))
+	}
+	return n, nil
+}
+
+// handleAgents is GET /api/towns/{townId}/agents.
+func (s *Server) handleAgents(w http.ResponseWriter, r *http.Request) {
+	c, aerr := s.auth.authenticate(r)
+	if aerr != nil {
+		writeError(w, aerr)
+		return
+	}
+	town := r.PathValue("townId")
+	if c.Scope != ScopeViewer {
+		writeError(w, errorf(http.StatusForbidden, "wrong_scope", "Listing agents needs a viewer token."))
+		return
+	}
+	if c.Town != town {
+		writeError(w, errorf(http.StatusForbidden, "wrong_town", fmt.Sprintf("This token is for town %q, not %q.", c.Town, town)))
+		return
+	}
+	agents, err := s.store.Agents(r.Context(), town)
+	if err != nil {
+		s.storeFailed(w, "agents", err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"agents": agents})
+}
+
+func (s *Server) storeFailed(w http.ResponseWriter, op string, err error) {
+	s.metrics.storeErrors.WithLabelValues(op).Inc()
+	s.log.Error("store", "op", op, "err", err)
+	writeError(w, errorf(http.StatusServiceUnavailable, "store_unavailable", "The event store is not answering; retry."))
+}

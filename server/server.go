@@ -1,0 +1,119 @@
+// Package server is agentstream's HTTP API: routes, authentication, input
+// validation, JSON errors, metrics, and the serve command's lifecycle.
+package server
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/agentstream/agentstream/model"
+)
+
+// Server is the HTTP API over one Store.
+type Server struct {
+	store   *model.Store
+	auth    *Auth
+	log     *slog.Logger
+	metrics *metrics
+	handler http.Handler
+}
+
+// New returns a Server. log may be nil (slog.Default()).
+func New(store *model.Store, auth *Auth, log *slog.Logger) *Server {
+	if log == nil {
+		log = slog.Default()
+	}
+	s := &Server{store: store, auth: auth, log: log, metrics: newMetrics()}
+	s.handler = s.routes()
+	return s
+}
+
+// ServeHTTP serves the API.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.handler.ServeHTTP(w, r) }
+
+func (s *Server) routes() http.Handler {
+	mux := http.NewServeMux()
+	allowed := map[string][]string{} // path pattern -> methods
+	handle := func(method, path string, h http.HandlerFunc) {
+		mux.HandleFunc(method+" "+path, h)
+		allowed[path] = append(allowed[path], method)
+	}
+	handle("POST", "/api/rigs/{rigId}/agent-events", s.handleIngest)
+	handle("GET", "/api/rigs/{rigId}/agents/{agentId}/events", s.handleEvents)
+	handle("GET", "/api/towns/{townId}/agents", s.handleAgents)
+	handle("GET", "/healthz", s.handleHealthz)
+	handle("GET", "/readyz", s.handleReadyz)
+	handle("GET", "/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}).ServeHTTP)
+	handle("GET", "/{$}", s.handleIndex)
+
+	// net/http answers a known path with the wrong method by a plain-text
+	// 405; the API promises JSON errors, so every path gets a method-less
+	// fallback that says which methods it takes.
+	for path, methods := range allowed {
+		if slices.Contains(methods, "GET") {
+			methods = append(methods, "HEAD")
+		}
+		allow := strings.Join(methods, ", ")
+		mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Allow", allow)
+			writeError(w, errorf(http.StatusMethodNotAllowed, "method_not_allowed", r.Method+" is not allowed here; use "+allow+"."))
+		})
+	}
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, errorf(http.StatusNotFound, "not_found", "No such endpoint: "+r.URL.Path))
+	})
+	return s.instrument(mux)
+}
+
+// instrument records each request's duration by route pattern and code.
+func (s *Server) instrument(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		sw := &statusWriter{ResponseWriter: w, code: http.StatusOK}
+		next.ServeHTTP(sw, r)
+		route := r.Pattern // set by the mux on this same request
+		if route == "" {
+			route = "unmatched"
+		}
+		s.metrics.requests.WithLabelValues(route, strconv.Itoa(sw.code)).Observe(time.Since(start).Seconds())
+	})
+}
+
+// statusWriter remembers the status code written through it.
+type statusWriter struct {
+	http.ResponseWriter
+	code    int
+	written bool
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if !w.written {
+		w.code, w.written = code, true
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+// Unwrap lets http.ResponseController reach the connection (flush,
+// deadlines) through the wrapper.
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+func (s *Server) handleHealthz(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+	defer cancel()
+	if err := s.store.Ping(ctx); err != nil {
+		s.storeFailed(w, "ping", err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+}
