@@ -1,0 +1,240 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// buildBinary builds agentstream into a temp dir, once per test run.
+func buildBinary(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "agentstream")
+	args := []string{"build", "-o", bin}
+	if raceEnabled {
+		args = append(args, "-race")
+	}
+	cmd := exec.Command("go", append(args, ".")...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// cleanEnv is the environment without AGENTSTREAM_* settings of the caller.
+func cleanEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "AGENTSTREAM_") {
+			env = append(env, kv)
+		}
+	}
+	return env
+}
+
+func runCmd(t *testing.T, bin string, args ...string) string {
+	t.Helper()
+	cmd := exec.Command(bin, args...)
+	cmd.Env = cleanEnv()
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("%s %v: %v\n%s", bin, args, err, stderr.String())
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// serveProc is a running `agentstream serve` process.
+type serveProc struct {
+	cmd  *exec.Cmd
+	base string
+	done chan struct{} // closed when the process has exited
+	err  error         // its exit status, once done is closed
+}
+
+// startServer starts serve on a free loopback port and waits until its log
+// says where it listens.
+func startServer(t *testing.T, bin, data string) *serveProc {
+	t.Helper()
+	cmd := exec.Command(bin, "serve", "--addr", "127.0.0.1:0", "--data", data, "--log-format", "json")
+	cmd.Env = cleanEnv()
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	s := &serveProc{cmd: cmd, done: make(chan struct{})}
+	addr := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			var line struct{ Msg, Addr string }
+			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "listening" {
+				addr <- line.Addr
+			}
+		}
+		io.Copy(io.Discard, stderr)
+	}()
+	go func() { s.err = cmd.Wait(); close(s.done) }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-s.done
+	})
+	select {
+	case a := <-addr:
+		s.base = "http://" + a
+	case <-s.done:
+		t.Fatalf("serve exited before listening: %v", s.err)
+	case <-time.After(60 * time.Second):
+		t.Fatal("serve did not report its address within 60 s")
+	}
+	return s
+}
+
+func postEvent(t *testing.T, base, token, body string) []int64 {
+	t.Helper()
+	req, _ := http.NewRequest("POST", base+"/api/rigs/r/agent-events", strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var v struct{ IDs []int64 }
+	json.NewDecoder(resp.Body).Decode(&v)
+	if resp.StatusCode != 201 || len(v.IDs) == 0 {
+		t.Fatalf("post: %d %v", resp.StatusCode, v)
+	}
+	return v.IDs
+}
+
+type wireEvent struct {
+	ID   int64
+	Type string
+	Data json.RawMessage
+}
+
+func readEvents(t *testing.T, base, token string) []wireEvent {
+	t.Helper()
+	req, _ := http.NewRequest("GET", base+"/api/rigs/r/agents/a/events?limit=1000", nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var v struct{ Events []wireEvent }
+	if err := json.NewDecoder(resp.Body).Decode(&v); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("read: %d %v", resp.StatusCode, err)
+	}
+	return v.Events
+}
+
+// TestKill9KeepsAcknowledgedEvents: every event the server acknowledged is
+// still there, in order, after kill -9 and a restart. Tokens come from the
+// token command on the same --data, before serve has ever run, so this also
+// proves that serve accepts them.
+func TestKill9KeepsAcknowledgedEvents(t *testing.T) {
+	bin := buildBinary(t)
+	data := filepath.Join(t.TempDir(), "data")
+	agent := runCmd(t, bin, "token", "agent", "--town", "t", "--rig", "r", "--agent", "a", "--data", data)
+	viewer := runCmd(t, bin, "token", "viewer", "--town", "t", "--data", data)
+	if fi, err := os.Stat(filepath.Join(data, "secret")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("generated secret: %v, mode %v", err, fi.Mode())
+	}
+
+	s := startServer(t, bin, data)
+	var acked []int64
+	for i := range 100 {
+		acked = append(acked, postEvent(t, s.base, agent, fmt.Sprintf(`{"type":"step","data":{"n":%d}}`, i))...)
+	}
+	if err := s.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-s.done
+
+	s = startServer(t, bin, data)
+	got := readEvents(t, s.base, viewer)
+	if len(got) != len(acked) {
+		t.Fatalf("read back %d events after kill -9, acknowledged %d", len(got), len(acked))
+	}
+	for i, e := range got {
+		if e.ID != acked[i] || e.Type != "step" || string(e.Data) != fmt.Sprintf(`{"n":%d}`, i) {
+			t.Fatalf("event %d: %+v, want id %d n %d", i, e, acked[i], i)
+		}
+	}
+
+	// SIGTERM is a clean stop: exit status 0.
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-s.done:
+		if s.err != nil {
+			t.Fatalf("serve after SIGTERM: %v, want exit 0", s.err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("serve did not stop within 30 s of SIGTERM")
+	}
+}
+
+func TestExitStatus(t *testing.T) {
+	t.Setenv("AGENTSTREAM_DATA", t.TempDir())
+	cases := []struct {
+		args []string
+		want int
+	}{
+		{nil, 2},
+		{[]string{"bogus"}, 2},
+		{[]string{"token"}, 2},
+		{[]string{"token", "viewer"}, 2},
+		{[]string{"token", "agent", "--town", "t"}, 2},
+		{[]string{"token", "viewer", "--town", "t", "--ttl", "-1h"}, 2},
+		{[]string{"serve", "--log-format", "xml"}, 2},
+		{[]string{"serve", "--no-such-flag"}, 2},
+		{[]string{"serve", "--db", "mysql://x"}, 1},
+		{[]string{"token", "viewer", "--town", "t"}, 0},
+		{[]string{"help"}, 0},
+	}
+	for _, tc := range cases {
+		var out, errOut bytes.Buffer
+		if got := run(tc.args, &out, &errOut); got != tc.want {
+			t.Errorf("agentstream %v: exit %d, want %d (stderr %q)", tc.args, got, tc.want, errOut.String())
+		}
+		if tc.want == 2 && !strings.Contains(errOut.String(), "agentstream: ") {
+			t.Errorf("agentstream %v: no one-line reason on stderr", tc.args)
+		}
+	}
+}
+
+// TestFlagBeatsEnvironment: AGENTSTREAM_<FLAG> fills a flag, and the flag
+// wins when both are given.
+func TestFlagBeatsEnvironment(t *testing.T) {
+	dirEnv, dirFlag := t.TempDir(), t.TempDir()
+	t.Setenv("AGENTSTREAM_DATA", dirEnv)
+	var out bytes.Buffer
+	if run([]string{"token", "viewer", "--town", "t"}, &out, io.Discard) != 0 {
+		t.Fatal("token with AGENTSTREAM_DATA failed")
+	}
+	if _, err := os.Stat(filepath.Join(dirEnv, "secret")); err != nil {
+		t.Fatalf("AGENTSTREAM_DATA was not used: %v", err)
+	}
+	if run([]string{"token", "viewer", "--town", "t", "--data", dirFlag}, &out, io.Discard) != 0 {
+		t.Fatal("token with --data failed")
+	}
+	if _, err := os.Stat(filepath.Join(dirFlag, "secret")); err != nil {
+		t.Fatalf("--data did not win over AGENTSTREAM_DATA: %v", err)
+	}
+}
