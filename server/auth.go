@@ -140,20 +140,25 @@ func LoadSecret(env, dir string) ([]byte, error) {
 	raw := make([]byte, 32)
 	rand.Read(raw)
 	s := hex.EncodeToString(raw)
-	// O_EXCL: if another process (serve and token started together) wrote it
-	// first, read theirs instead of overwriting it.
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if errors.Is(err, os.ErrExist) {
-		return LoadSecret("", dir)
-	}
+	// Write a temp file, then link it into place: the link fails if another
+	// process (serve and token started together) got there first, and then
+	// we read theirs; nobody ever reads a half-written secret.
+	tmp, err := os.CreateTemp(dir, ".secret-*")
 	if err != nil {
 		return nil, fmt.Errorf("write secret: %w", err)
 	}
-	if _, err := f.WriteString(s + "\n"); err != nil {
-		f.Close()
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.WriteString(s + "\n"); err != nil {
+		tmp.Close()
 		return nil, fmt.Errorf("write secret: %w", err)
 	}
-	if err := f.Close(); err != nil {
+	if err := tmp.Close(); err != nil {
+		return nil, fmt.Errorf("write secret: %w", err)
+	}
+	// CreateTemp makes the file 0600 already.
+	if err := os.Link(tmp.Name(), path); errors.Is(err, os.ErrExist) {
+		return LoadSecret("", dir)
+	} else if err != nil {
 		return nil, fmt.Errorf("write secret: %w", err)
 	}
 	return []byte(s), nil

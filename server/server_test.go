@@ -21,7 +21,7 @@ import (
 
 // testEnv is a real server on 127.0.0.1 over a real SQLite file.
 type testEnv struct {
-	t      *testing.T
+	t      testing.TB
 	store  *model.Store
 	auth   *Auth
 	srv    *httptest.Server
@@ -29,7 +29,7 @@ type testEnv struct {
 	viewer string // viewer of town t1
 }
 
-func newEnv(t *testing.T) *testEnv {
+func newEnv(t testing.TB) *testEnv {
 	t.Helper()
 	store, err := model.Open(context.Background(), filepath.Join(t.TempDir(), "agentstream.db"), model.Options{})
 	if err != nil {
