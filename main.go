@@ -122,6 +122,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	data := fs.String("data", "./agentstream-data", "data directory: SQLite file and generated secret")
 	db := fs.String("db", "", "database: sqlite:PATH (default DATA/agentstream.db)")
 	retain := fs.Int("retain", 2000, "events kept per agent; older ones are pruned")
+	pollEvery := fs.Duration("poll-interval", 500*time.Millisecond, "how often a watched agent's feed polls the database for other writers' events")
 	demo := fs.Bool("demo", false, "replay recorded agent sessions in town \"demo\" and print a dashboard link")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	if err := parse(fs, args); err != nil {
@@ -130,12 +131,15 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	if *retain < 1 {
 		return usageError{"--retain must be at least 1"}
 	}
+	if *pollEvery <= 0 {
+		return usageError{"--poll-interval must be positive"}
+	}
 	log, err := newLogger(*logFormat, stderr)
 	if err != nil {
 		return err
 	}
 	cfg := server.Config{
-		Addr: *addr, DataDir: *data, DB: *db, Retain: *retain,
+		Addr: *addr, DataDir: *data, DB: *db, Retain: *retain, PollInterval: *pollEvery,
 		Secret: os.Getenv("AGENTSTREAM_SECRET"), Log: log, Out: stdout,
 	}
 	if *demo {

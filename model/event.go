@@ -28,6 +28,16 @@ type Event struct {
 	CreatedAt time.Time       `bun:"created_at,notnull"`
 }
 
+// PruneMark records, per agent, the id up to which retention has deleted
+// events. It is what tells a client whose cursor is older that it missed
+// events (a gap), rather than letting it skip them silently.
+type PruneMark struct {
+	bun.BaseModel `bun:"table:agent_prune_marks"`
+
+	AgentID       string `bun:"agent_id,pk"`
+	PrunedThrough int64  `bun:"pruned_through,notnull"`
+}
+
 // TimeFormat is how created_at is written on the wire: RFC 3339 in UTC with
 // milliseconds, so that clients in any language parse it and sort it as text.
 const TimeFormat = "2006-01-02T15:04:05.000Z07:00"

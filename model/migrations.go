@@ -19,6 +19,14 @@ func migrations() *migrate.Migrations {
 			return createAgentEvents(ctx, m.DB())
 		},
 	})
+	ms.Add(migrate.Migration{
+		Name:    "20261125000002",
+		Comment: "agent_prune_marks",
+		Up: func(ctx context.Context, m *migrate.Migrator, _ *migrate.Migration) error {
+			_, err := m.DB().NewCreateTable().Model((*PruneMark)(nil)).IfNotExists().Exec(ctx)
+			return err
+		},
+	})
 	return ms
 }
 

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/uptrace/bun"
@@ -57,6 +58,8 @@ type Store struct {
 	db   *bun.DB
 	opts Options
 	log  *slog.Logger
+
+	onCommit atomic.Pointer[func([]Event)]
 
 	mu      sync.RWMutex // guards closed against sends on appendc
 	closed  bool
@@ -218,11 +221,17 @@ func (s *Store) writeLoop() {
 			}
 		}
 		err := s.commit(group)
-		for _, r := range group {
-			r.done <- err
-		}
 		if err == nil {
 			s.markDirty(group)
+			// Before answering: the callers own their slices again after.
+			if fn := s.onCommit.Load(); fn != nil {
+				for _, r := range group {
+					(*fn)(r.events)
+				}
+			}
+		}
+		for _, r := range group {
+			r.done <- err
 		}
 		clear(group) // drop references to the callers' slices
 	}
@@ -265,6 +274,28 @@ func insertEvents(ctx context.Context, tx bun.Tx, evs []Event) error {
 		}
 	}
 	return nil
+}
+
+// OnCommit sets fn to be called with the events of every commit, right after
+// it, from the writer goroutine and before the appenders are answered — so it
+// must not block. It is how readers in this process learn of new events at
+// once instead of waiting for their next poll.
+func (s *Store) OnCommit(fn func(events []Event)) {
+	s.onCommit.Store(&fn)
+}
+
+// Latest returns the newest id of an agent, or 0 if it has no events.
+func (s *Store) Latest(ctx context.Context, k AgentKey) (int64, error) {
+	var id sql.NullInt64
+	q := s.db.NewSelect().Model((*Event)(nil)).ColumnExpr("MAX(id)").
+		Where("agent_id = ?", k.Agent).Where("town_id = ?", k.Town)
+	if k.Rig != "" {
+		q = q.Where("rig_id = ?", k.Rig)
+	}
+	if err := q.Scan(ctx, &id); err != nil {
+		return 0, fmt.Errorf("latest event of %s: %w", k.Agent, err)
+	}
+	return id.Int64, nil
 }
 
 // After returns up to limit events of one agent with id > afterID, in id order.
@@ -385,6 +416,16 @@ func (s *Store) pruneAgent(ctx context.Context, agent string) error {
 	if err != nil {
 		return fmt.Errorf("prune %s: %w", agent, err)
 	}
+	// The mark goes first: if the process dies between the two, a client
+	// below the mark is told of a gap that is not there yet — never the
+	// other way round.
+	mark := &PruneMark{AgentID: agent, PrunedThrough: cutoff}
+	if _, err := s.db.NewInsert().Model(mark).
+		On("CONFLICT (agent_id) DO UPDATE").
+		Set("pruned_through = EXCLUDED.pruned_through").
+		Exec(ctx); err != nil {
+		return fmt.Errorf("prune %s: mark: %w", agent, err)
+	}
 	for {
 		res, err := s.db.NewDelete().Model((*Event)(nil)).
 			Where("id IN (?)", s.db.NewSelect().Model((*Event)(nil)).Column("id").
@@ -398,6 +439,21 @@ func (s *Store) pruneAgent(ctx context.Context, agent string) error {
 			return nil
 		}
 	}
+}
+
+// PrunedThrough returns the id up to which retention has deleted the agent's
+// events, or 0 if nothing was pruned. Marks are per agent id: retention
+// counts an agent's events across towns.
+func (s *Store) PrunedThrough(ctx context.Context, k AgentKey) (int64, error) {
+	var m PruneMark
+	err := s.db.NewSelect().Model(&m).Where("agent_id = ?", k.Agent).Scan(ctx)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("prune mark of %s: %w", k.Agent, err)
+	}
+	return m.PrunedThrough, nil
 }
 
 // Oldest returns the smallest id still held for an agent, or 0 if none.

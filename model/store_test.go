@@ -121,6 +121,11 @@ func TestConcurrentAppendsAndPruning(t *testing.T) {
 			t.Fatalf("%s: %d events after pruning, want %d", a, len(got), DefaultRetain)
 		}
 		assertIncreasing(t, a, got)
+		// The prune mark says where the deleted events end.
+		mark, err := s.PrunedThrough(ctx, AgentKey{Town: "t", Agent: a})
+		if err != nil || mark == 0 || mark >= got[0].ID {
+			t.Fatalf("%s: pruned through %d (err %v), oldest kept %d", a, mark, err, got[0].ID)
+		}
 		maxAcked := int64(0)
 		for _, id := range last[a] {
 			maxAcked = max(maxAcked, id)

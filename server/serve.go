@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/agentstream/agentstream/model"
+	"github.com/agentstream/agentstream/poll"
 )
 
 // Config is what `agentstream serve` runs with.
@@ -22,6 +23,10 @@ type Config struct {
 	DB      string // "sqlite:PATH"; default sqlite:DataDir/agentstream.db
 	Secret  string // AGENTSTREAM_SECRET; empty: the one in DataDir
 	Retain  int    // events kept per agent (0: model.DefaultRetain)
+
+	// PollInterval is how often a feed polls the database for events other
+	// writers added (default 500 ms).
+	PollInterval time.Duration
 
 	// Demo, when set, replays these sessions as live agents of DemoTown.
 	Demo [][]RecordedEvent
@@ -55,13 +60,15 @@ func Serve(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer store.Close()
+	sched := poll.New(store, poll.Options{Interval: cfg.PollInterval, Logger: log})
+	defer sched.Close()
 
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
 	srv := &http.Server{
-		Handler:           New(store, auth, log),
+		Handler:           New(store, sched, auth, log),
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),

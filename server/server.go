@@ -14,23 +14,30 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/agentstream/agentstream/model"
+	"github.com/agentstream/agentstream/poll"
 )
 
-// Server is the HTTP API over one Store.
+// Server is the HTTP API over one Store and the poll scheduler that feeds
+// its streams.
 type Server struct {
 	store   *model.Store
+	sched   *poll.Scheduler
 	auth    *Auth
 	log     *slog.Logger
 	metrics *metrics
 	handler http.Handler
 }
 
-// New returns a Server. log may be nil (slog.Default()).
-func New(store *model.Store, auth *Auth, log *slog.Logger) *Server {
+// New returns a Server. It wires the store's commit hook to the scheduler,
+// so local appends reach streams at once, and registers the scheduler's
+// metrics. log may be nil (slog.Default()).
+func New(store *model.Store, sched *poll.Scheduler, auth *Auth, log *slog.Logger) *Server {
 	if log == nil {
 		log = slog.Default()
 	}
-	s := &Server{store: store, auth: auth, log: log, metrics: newMetrics()}
+	s := &Server{store: store, sched: sched, auth: auth, log: log, metrics: newMetrics()}
+	store.OnCommit(sched.Notify)
+	s.metrics.reg.MustRegister(sched.Metrics.Collectors()...)
 	s.handler = s.routes()
 	return s
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/agentstream/agentstream/model"
+	"github.com/agentstream/agentstream/poll"
 )
 
 // testEnv is a real server on 127.0.0.1 over a real SQLite file.
@@ -39,9 +40,11 @@ func newEnv(t testing.TB) *testEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewServer(New(store, auth, nil))
+	sched := poll.New(store, poll.Options{})
+	srv := httptest.NewServer(New(store, sched, auth, nil))
 	t.Cleanup(func() {
 		srv.Close()
+		sched.Close()
 		store.Close()
 	})
 	e := &testEnv{t: t, store: store, auth: auth, srv: srv}
@@ -297,6 +300,7 @@ func TestHealthReadyMetrics(t *testing.T) {
 		"agentstream_ingest_events_total 3",
 		`agentstream_http_request_duration_seconds_count{code="201",route="POST /api/rigs/{rigId}/agent-events"} 1`,
 		"agentstream_ingest_append_seconds_count 1",
+		"agentstream_poll_feeds 0",
 	} {
 		if !strings.Contains(string(text), want) {
 			t.Errorf("metrics lack %q", want)

@@ -1,0 +1,220 @@
+package poll
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/agentstream/agentstream/model"
+)
+
+// feed is the one reader of an active agent. Its goroutine is the only
+// writer of cursor and ring; subscribers read them under mu.
+type feed struct {
+	s     *Scheduler
+	key   model.AgentKey
+	wake  chan struct{} // capacity 1: a pending "poll now"
+	ready chan struct{} // closed once cursor holds the agent's latest id
+	ctx   context.Context
+	stop  context.CancelFunc
+	done  chan struct{} // closed when run returns
+
+	nsubs int // guarded by s.mu
+
+	mu       sync.Mutex
+	cursor   int64 // highest id fanned out; everything <= cursor is in the Source
+	ring     ring  // the newest items fanned out
+	live     []*Subscription
+	stopping bool
+}
+
+func newFeed(s *Scheduler, k model.AgentKey) *feed {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &feed{
+		s:     s,
+		key:   k,
+		wake:  make(chan struct{}, 1),
+		ready: make(chan struct{}),
+		ctx:   ctx,
+		stop:  cancel,
+		done:  make(chan struct{}),
+		ring:  newRing(s.opts.RingLen),
+	}
+}
+
+func (f *feed) poke() {
+	select {
+	case f.wake <- struct{}{}:
+	default:
+	}
+}
+
+// shutdown stops the feed and waits for its goroutine; subscribers still
+// attached (only after Scheduler.Close) are woken to see ErrClosed.
+func (f *feed) shutdown() {
+	f.mu.Lock()
+	f.stopping = true
+	for _, sub := range f.live {
+		sub.wakeUp()
+	}
+	f.live = nil
+	f.mu.Unlock()
+	f.stop()
+	<-f.done
+}
+
+func (f *feed) run() {
+	defer close(f.done)
+	log := f.s.opts.Logger.With("town", f.key.Town, "agent", f.key.Agent)
+	t := time.NewTicker(f.s.opts.Interval)
+	defer t.Stop()
+	// Start at the agent's newest event: history is each subscriber's own
+	// catch-up, the feed only carries what comes next.
+	for {
+		latest, err := f.s.src.Latest(f.ctx, f.key)
+		if err == nil {
+			f.mu.Lock()
+			f.cursor = latest
+			f.ring.base = latest
+			f.mu.Unlock()
+			close(f.ready)
+			break
+		}
+		if f.ctx.Err() != nil {
+			return
+		}
+		log.Error("feed start", "err", err)
+		select {
+		case <-t.C:
+		case <-f.ctx.Done():
+			return
+		}
+	}
+	for {
+		select {
+		case <-f.wake:
+		case <-t.C:
+		case <-f.ctx.Done():
+			return
+		}
+		if err := f.poll(); err != nil && f.ctx.Err() == nil {
+			f.s.Metrics.pollErrors.Inc()
+			log.Error("feed poll", "err", err)
+		}
+	}
+}
+
+// poll reads everything after the cursor, a page at a time, and fans it out.
+func (f *feed) poll() error {
+	for {
+		f.s.Metrics.polls.Inc()
+		evs, err := f.s.src.After(f.ctx, f.key, f.cursor, f.s.opts.PageSize)
+		if err != nil {
+			return err
+		}
+		if len(evs) == 0 {
+			return nil
+		}
+		f.publish(evs)
+		if len(evs) < f.s.opts.PageSize {
+			return nil
+		}
+	}
+}
+
+// publish fans events out to every live subscriber. A subscriber whose queue
+// is full is taken off the live path (it catches up by itself later), so
+// publish never waits for anyone.
+func (f *feed) publish(evs []model.Event) {
+	items := make([]Item, len(evs))
+	now := time.Now()
+	f.mu.Lock()
+	for i := range evs {
+		it := &items[i]
+		it.Event = evs[i]
+		f.ring.push(it)
+		f.cursor = it.ID
+		for j := 0; j < len(f.live); {
+			sub := f.live[j]
+			select {
+			case sub.q <- it:
+				j++
+			default:
+				f.demote(j)
+			}
+		}
+	}
+	f.mu.Unlock()
+	for i := range evs {
+		f.s.Metrics.lag.Observe(now.Sub(evs[i].CreatedAt).Seconds())
+	}
+}
+
+// demote takes live[j] off the live path. Called with mu held.
+func (f *feed) demote(j int) {
+	sub := f.live[j]
+	last := len(f.live) - 1
+	f.live[j] = f.live[last]
+	f.live[last] = nil
+	f.live = f.live[:last]
+	sub.lagging.Store(true)
+	sub.wakeUp()
+}
+
+// removeLive drops sub from the live path if it is there. Called with mu held.
+func (f *feed) removeLive(sub *Subscription) {
+	for j, s := range f.live {
+		if s == sub {
+			last := len(f.live) - 1
+			f.live[j] = f.live[last]
+			f.live[last] = nil
+			f.live = f.live[:last]
+			return
+		}
+	}
+}
+
+// ring holds the newest items fanned out, oldest first. It holds every
+// event in (base, newest]; base rises as old items fall out.
+type ring struct {
+	buf   []*Item
+	start int
+	n     int
+	base  int64
+}
+
+func newRing(size int) ring { return ring{buf: make([]*Item, size)} }
+
+func (r *ring) at(i int) *Item { return r.buf[(r.start+i)%len(r.buf)] }
+
+func (r *ring) push(it *Item) {
+	if r.n == len(r.buf) {
+		r.base = r.buf[r.start].ID
+		r.buf[r.start] = nil
+		r.start = (r.start + 1) % len(r.buf)
+		r.n--
+	}
+	r.buf[(r.start+r.n)%len(r.buf)] = it
+	r.n++
+}
+
+// after appends to dst up to max items with id > cursor, if the ring holds
+// every event after cursor; ok is false when it does not.
+func (r *ring) after(dst []*Item, cursor int64, max int) (_ []*Item, ok bool) {
+	if cursor < r.base {
+		return dst, false
+	}
+	lo, hi := 0, r.n // first index with ID > cursor
+	for lo < hi {
+		m := (lo + hi) / 2
+		if r.at(m).ID <= cursor {
+			lo = m + 1
+		} else {
+			hi = m
+		}
+	}
+	for i := lo; i < r.n && len(dst) < max; i++ {
+		dst = append(dst, r.at(i))
+	}
+	return dst, true
+}

@@ -1,0 +1,172 @@
+// Package poll is the shared poll scheduler: one feed per active agent,
+// however many subscribers it has, fanning the same events out to all of
+// them.
+//
+// A feed learns of new events at once from commits made in this process
+// (Scheduler.Notify, wired to the store's commit hook) and polls its Source
+// on an interval for what other writers added. Subscribers get every event
+// after their cursor exactly once, in id order: first history, then live.
+// A subscriber that falls behind is taken off the live path and catches up
+// on its own — from the feed's recent items, else from the Source — then
+// rejoins, so a slow reader never slows the feed or anyone else, and costs
+// at most its bounded queue.
+package poll
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/agentstream/agentstream/model"
+)
+
+// Source is where feeds read events. The store implements it; an upstream
+// container can too.
+type Source interface {
+	// After returns up to limit events of k with id > afterID, in id order.
+	After(ctx context.Context, k model.AgentKey, afterID int64, limit int) ([]model.Event, error)
+	// Latest returns the newest id of k, or 0.
+	Latest(ctx context.Context, k model.AgentKey) (int64, error)
+	// PrunedThrough returns the id up to which k's events may have been
+	// deleted by retention, or 0: a cursor below it has missed events.
+	PrunedThrough(ctx context.Context, k model.AgentKey) (int64, error)
+}
+
+// ErrClosed is returned by Subscription.Next after the scheduler is closed.
+var ErrClosed = errors.New("poll: scheduler closed")
+
+// Options tunes a Scheduler. The zero value is the default.
+type Options struct {
+	Interval time.Duration // between polls of a feed's Source; default 500 ms
+	QueueLen int           // live items a subscriber may hold unread; default 256
+	RingLen  int           // recent items a feed keeps for catching up; default 1024
+	PageSize int           // events per Source read; default 1000
+	Logger   *slog.Logger
+}
+
+func (o *Options) fill() {
+	if o.Interval <= 0 {
+		o.Interval = 500 * time.Millisecond
+	}
+	if o.QueueLen <= 0 {
+		o.QueueLen = 256
+	}
+	if o.RingLen <= 0 {
+		o.RingLen = 1024
+	}
+	if o.PageSize <= 0 {
+		o.PageSize = 1000
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+}
+
+// Scheduler owns the feeds.
+type Scheduler struct {
+	src     Source
+	opts    Options
+	Metrics *Metrics
+
+	mu     sync.RWMutex
+	feeds  map[model.AgentKey]*feed
+	closed bool
+}
+
+// New returns a Scheduler reading src.
+func New(src Source, opts Options) *Scheduler {
+	opts.fill()
+	return &Scheduler{src: src, opts: opts, Metrics: newMetrics(), feeds: make(map[model.AgentKey]*feed)}
+}
+
+// feedKey is the identity of a stream: town and agent, any rig.
+func feedKey(k model.AgentKey) model.AgentKey {
+	return model.AgentKey{Town: k.Town, Agent: k.Agent}
+}
+
+// Notify tells the feeds of these events' agents to poll now. It never
+// blocks; call it from the store's commit hook.
+func (s *Scheduler) Notify(events []model.Event) {
+	var last model.AgentKey
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	for i := range events {
+		k := model.AgentKey{Town: events[i].TownID, Agent: events[i].AgentID}
+		if i > 0 && k == last {
+			continue
+		}
+		last = k
+		if f := s.feeds[k]; f != nil {
+			f.poke()
+		}
+	}
+}
+
+// Subscribe returns a subscription to every event of k with id > afterID.
+// It ends when ctx does or when Close is called.
+func (s *Scheduler) Subscribe(ctx context.Context, k model.AgentKey, afterID int64) (*Subscription, error) {
+	k = feedKey(k)
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil, ErrClosed
+	}
+	f := s.feeds[k]
+	if f == nil {
+		f = newFeed(s, k)
+		s.feeds[k] = f
+		s.Metrics.feeds.Inc()
+		go f.run()
+	}
+	f.nsubs++
+	s.mu.Unlock()
+	s.Metrics.subscribers.Inc()
+
+	sub := &Subscription{
+		f:        f,
+		cursor:   afterID,
+		q:        make(chan *Item, s.opts.QueueLen),
+		kick:     make(chan struct{}, 1),
+		catching: true,
+	}
+	sub.stopCtx = context.AfterFunc(ctx, sub.Close)
+	return sub, nil
+}
+
+// release drops one subscriber of f and stops f when it was the last.
+func (s *Scheduler) release(f *feed) {
+	s.mu.Lock()
+	f.nsubs--
+	last := f.nsubs == 0 && s.feeds[f.key] == f
+	if last {
+		delete(s.feeds, f.key)
+	}
+	s.mu.Unlock()
+	s.Metrics.subscribers.Dec()
+	if last {
+		s.Metrics.feeds.Dec()
+		f.shutdown()
+	}
+}
+
+// Close stops every feed; open subscriptions' Next returns ErrClosed.
+func (s *Scheduler) Close() {
+	s.mu.Lock()
+	s.closed = true
+	feeds := s.feeds
+	s.feeds = map[model.AgentKey]*feed{}
+	s.mu.Unlock()
+	for _, f := range feeds {
+		s.Metrics.feeds.Dec()
+		f.shutdown()
+	}
+}
+
+// ActiveFeeds reports how many feeds run now.
+func (s *Scheduler) ActiveFeeds() int {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return len(s.feeds)
+}

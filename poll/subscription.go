@@ -1,0 +1,202 @@
+package poll
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+)
+
+// GapError is returned by Next when events after the subscriber's cursor
+// were pruned from the Source before it could read them. The subscription
+// goes on after Through; the caller tells its client, never loses silently.
+type GapError struct {
+	After   int64 // the cursor the subscriber had
+	Through int64 // events up to this id are gone
+}
+
+func (e *GapError) Error() string {
+	return fmt.Sprintf("poll: events after %d through %d were pruned before delivery", e.After, e.Through)
+}
+
+// Subscription delivers one agent's events after a cursor, in id order,
+// exactly once. Next is for one goroutine; Close may be called from any.
+type Subscription struct {
+	f       *feed
+	q       chan *Item    // live items; only the feed sends, under f.mu
+	kick    chan struct{} // capacity 1: demoted or closed while waiting
+	lagging atomic.Bool   // set by the feed when it took us off the live path
+	closed  atomic.Bool
+	once    sync.Once
+	stopCtx func() bool
+
+	// Owned by the goroutine calling Next.
+	cursor   int64 // the last id returned
+	catching bool  // not on the live path: reading ring or Source
+}
+
+func (s *Subscription) wakeUp() {
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Cursor is the id of the last event Next returned (or the starting cursor).
+func (s *Subscription) Cursor() int64 { return s.cursor }
+
+// Next blocks until there are events after the cursor, then appends up to
+// max of them to buf[:0] in id order and returns it. It returns ctx's error
+// when ctx ends, ErrClosed after Close, a *GapError when events were pruned
+// before they could be read (call Next again to go on), or a Source error.
+func (s *Subscription) Next(ctx context.Context, buf []*Item, max int) ([]*Item, error) {
+	buf = buf[:0]
+	for {
+		if s.closed.Load() {
+			return buf, ErrClosed
+		}
+		if s.catching {
+			var live bool
+			var err error
+			buf, live, err = s.catchUp(ctx, buf, max)
+			if err != nil || len(buf) > 0 {
+				return buf, err
+			}
+			if !live {
+				continue
+			}
+			s.catching = false
+		}
+		// Read the flag before draining: once demoted, nothing more enters
+		// the queue, so what the drain leaves behind is nothing.
+		lagging := s.lagging.Load()
+		if buf = s.drain(buf, max); len(buf) > 0 {
+			return buf, nil
+		}
+		if lagging {
+			s.catching = true
+			continue
+		}
+		select {
+		case it := <-s.q:
+			buf = s.take(buf, it)
+			if buf = s.drain(buf, max); len(buf) > 0 {
+				return buf, nil
+			}
+		case <-s.kick:
+		case <-s.f.ctx.Done():
+			return buf, ErrClosed
+		case <-ctx.Done():
+			return buf, ctx.Err()
+		}
+	}
+}
+
+// take appends it unless it is at or before the cursor: a subscriber that
+// read ahead of the feed from the Source sees those events again live.
+func (s *Subscription) take(buf []*Item, it *Item) []*Item {
+	if it.ID <= s.cursor {
+		return buf
+	}
+	s.cursor = it.ID
+	return append(buf, it)
+}
+
+func (s *Subscription) drain(buf []*Item, max int) []*Item {
+	for len(buf) < max {
+		select {
+		case it := <-s.q:
+			buf = s.take(buf, it)
+		default:
+			return buf
+		}
+	}
+	return buf
+}
+
+// catchUp brings the subscriber up to the feed: from the feed's ring when it
+// reaches back far enough (shared items, no I/O), else from the Source. When
+// the cursor has reached the feed it joins the live path and reports live.
+func (s *Subscription) catchUp(ctx context.Context, buf []*Item, max int) (_ []*Item, live bool, _ error) {
+	f := s.f
+	select {
+	case <-f.ready:
+	case <-f.ctx.Done():
+		return buf, false, ErrClosed
+	case <-ctx.Done():
+		return buf, false, ctx.Err()
+	}
+	f.mu.Lock()
+	if f.stopping || s.closed.Load() {
+		f.mu.Unlock()
+		return buf, false, ErrClosed
+	}
+	if s.cursor >= f.cursor {
+		// Under f.mu: no event can be fanned out between this check and
+		// joining, so nothing falls between catch-up and live.
+		s.lagging.Store(false)
+		f.live = append(f.live, s)
+		f.mu.Unlock()
+		return buf, true, nil
+	}
+	n := len(buf)
+	buf, ok := f.ring.after(buf, s.cursor, max)
+	target := f.cursor
+	if ok && len(buf) > n {
+		s.cursor = buf[len(buf)-1].ID
+		if s.cursor == f.cursor {
+			// Caught up to the feed from its ring: join now, in the same
+			// critical section, rather than on the next call.
+			s.lagging.Store(false)
+			f.live = append(f.live, s)
+			s.catching = false
+		}
+	}
+	f.mu.Unlock()
+	if ok {
+		return buf, false, nil
+	}
+
+	f.s.Metrics.catchups.Inc()
+	pruned, err := f.s.src.PrunedThrough(ctx, f.key)
+	if err != nil {
+		return buf, false, fmt.Errorf("catch up %s after %d: %w", f.key.Agent, s.cursor, err)
+	}
+	if s.cursor < pruned {
+		gap := &GapError{After: s.cursor, Through: pruned}
+		s.cursor = pruned
+		return buf, false, gap
+	}
+	evs, err := f.s.src.After(ctx, f.key, s.cursor, min(max, f.s.opts.PageSize))
+	if err != nil {
+		return buf, false, fmt.Errorf("catch up %s after %d: %w", f.key.Agent, s.cursor, err)
+	}
+	if len(evs) == 0 {
+		// The feed fanned out events up to target, so the Source held them;
+		// none left after our cursor means they were pruned just now.
+		gap := &GapError{After: s.cursor, Through: target}
+		s.cursor = target
+		return buf, false, gap
+	}
+	items := make([]Item, len(evs))
+	for i := range evs {
+		items[i].Event = evs[i]
+		buf = append(buf, &items[i])
+	}
+	s.cursor = evs[len(evs)-1].ID
+	return buf, false, nil
+}
+
+// Close ends the subscription; the last one of an agent stops its feed.
+func (s *Subscription) Close() {
+	s.once.Do(func() {
+		s.stopCtx()
+		f := s.f
+		f.mu.Lock()
+		s.closed.Store(true)
+		f.removeLive(s)
+		f.mu.Unlock()
+		s.wakeUp()
+		f.s.release(f)
+	})
+}
