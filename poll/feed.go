@@ -3,6 +3,7 @@ package poll
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/agentstream/agentstream/model"
@@ -19,7 +20,8 @@ type feed struct {
 	stop  context.CancelFunc
 	done  chan struct{} // closed when run returns
 
-	nsubs int // guarded by s.mu
+	nsubs   int         // guarded by s.mu
+	stopped atomic.Bool // set by shutdown before it kicks the live subscribers
 
 	mu       sync.Mutex
 	cursor   int64 // highest id fanned out; everything <= cursor is in the Source
@@ -54,6 +56,7 @@ func (f *feed) poke() {
 func (f *feed) shutdown() {
 	f.mu.Lock()
 	f.stopping = true
+	f.stopped.Store(true)
 	for _, sub := range f.live {
 		sub.wakeUp()
 	}

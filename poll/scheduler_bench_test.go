@@ -14,6 +14,8 @@ import (
 	"github.com/agentstream/agentstream/model"
 )
 
+var emptyData = json.RawMessage(`{}`)
+
 // memSource is an in-memory Source, so that the fan-out benchmark measures
 // the scheduler and not SQLite.
 type memSource struct {
@@ -25,7 +27,7 @@ func (m *memSource) add(n int) []model.Event {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for range n {
-		m.evs = append(m.evs, model.Event{ID: int64(len(m.evs) + 1), TownID: "t", AgentID: "a", Type: "x", Data: json.RawMessage(`{}`), CreatedAt: time.Now()})
+		m.evs = append(m.evs, model.Event{ID: int64(len(m.evs) + 1), TownID: "t", AgentID: "a", Type: "x", Data: emptyData, CreatedAt: time.Now()})
 	}
 	return m.evs[len(m.evs)-n:]
 }
@@ -56,8 +58,9 @@ func BenchmarkFanOut(b *testing.B) {
 			defer s.Close()
 			var delivered atomic.Int64
 			var wg sync.WaitGroup
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
+			// Each subscriber has a context of its own, as each stream's
+			// request does; Close ends them.
+			ctx := context.Background()
 			subs := make([]*Subscription, n)
 			for i := range subs {
 				sub, err := s.Subscribe(ctx, model.AgentKey{Town: "t", Agent: "a"}, 0)
@@ -94,7 +97,9 @@ func BenchmarkFanOut(b *testing.B) {
 			}
 			b.StopTimer()
 			runtime.ReadMemStats(&ms1)
-			cancel()
+			for _, sub := range subs {
+				sub.Close()
+			}
 			wg.Wait()
 			d := float64(want)
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/d, "ns/delivery")

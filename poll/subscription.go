@@ -84,8 +84,13 @@ func (s *Subscription) Next(ctx context.Context, buf []*Item, max int) ([]*Item,
 				return buf, nil
 			}
 		case <-s.kick:
-		case <-s.f.ctx.Done():
-			return buf, ErrClosed
+			// Demoted, closed, or the feed shut down (it kicks every live
+			// subscriber). The feed's own Done channel stays out of this
+			// select: thousands of subscribers blocking on one shared
+			// channel contend on its lock.
+			if s.f.stopped.Load() {
+				return buf, ErrClosed
+			}
 		case <-ctx.Done():
 			return buf, ctx.Err()
 		}
