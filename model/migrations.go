@@ -27,6 +27,14 @@ func migrations() *migrate.Migrations {
 			return err
 		},
 	})
+	ms.Add(migrate.Migration{
+		Name:    "20261125000003",
+		Comment: "stream_tickets",
+		Up: func(ctx context.Context, m *migrate.Migrator, _ *migrate.Migration) error {
+			_, err := m.DB().NewCreateTable().Model((*StreamTicket)(nil)).IfNotExists().Exec(ctx)
+			return err
+		},
+	})
 	return ms
 }
 

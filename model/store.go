@@ -298,6 +298,21 @@ func (s *Store) Latest(ctx context.Context, k AgentKey) (int64, error) {
 	return id.Int64, nil
 }
 
+// Last returns the newest event of an agent, or nil if it has none.
+func (s *Store) Last(ctx context.Context, k AgentKey) (*Event, error) {
+	var evs []Event
+	q := s.db.NewSelect().Model(&evs).
+		Where("agent_id = ?", k.Agent).Where("town_id = ?", k.Town).
+		OrderExpr("id DESC").Limit(1)
+	if err := q.Scan(ctx); err != nil && !errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("last event of %s: %w", k.Agent, err)
+	}
+	if len(evs) == 0 {
+		return nil, nil
+	}
+	return &evs[0], nil
+}
+
 // After returns up to limit events of one agent with id > afterID, in id order.
 func (s *Store) After(ctx context.Context, k AgentKey, afterID int64, limit int) ([]Event, error) {
 	evs := make([]Event, 0, min(limit, 256))

@@ -2,9 +2,11 @@ package poll
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // GapError is returned by Next when events after the subscriber's cursor
@@ -50,6 +52,17 @@ func (s *Subscription) Cursor() int64 { return s.cursor }
 // when ctx ends, ErrClosed after Close, a *GapError when events were pruned
 // before they could be read (call Next again to go on), or a Source error.
 func (s *Subscription) Next(ctx context.Context, buf []*Item, max int) ([]*Item, error) {
+	return s.NextOrIdle(ctx, nil, buf, max)
+}
+
+// ErrIdle is returned by NextOrIdle when idle fires before any event.
+var ErrIdle = errors.New("poll: idle")
+
+// NextOrIdle is Next that also returns, with ErrIdle, when idle fires while
+// it waits on the live path: a stream handler's keepalive timer. (A timer
+// channel of the caller's own, rather than a context per call, keeps the
+// wait free of allocations.)
+func (s *Subscription) NextOrIdle(ctx context.Context, idle <-chan time.Time, buf []*Item, max int) ([]*Item, error) {
 	buf = buf[:0]
 	for {
 		if s.closed.Load() {
@@ -91,6 +104,8 @@ func (s *Subscription) Next(ctx context.Context, buf []*Item, max int) ([]*Item,
 			if s.f.stopped.Load() {
 				return buf, ErrClosed
 			}
+		case <-idle:
+			return buf, ErrIdle
 		case <-ctx.Done():
 			return buf, ctx.Err()
 		}

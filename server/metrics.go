@@ -12,6 +12,10 @@ type metrics struct {
 	appendSeconds prometheus.Histogram
 	storeErrors   *prometheus.CounterVec
 	requests      *prometheus.HistogramVec
+	openStreams   *prometheus.GaugeVec
+	eventsWritten *prometheus.CounterVec
+	bytesWritten  *prometheus.CounterVec
+	drops         *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -35,8 +39,25 @@ func newMetrics() *metrics {
 			Help:    "HTTP request durations by route pattern and status code.",
 			Buckets: prometheus.DefBuckets,
 		}, []string{"route", "code"}),
+		openStreams: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "agentstream_streams_open",
+			Help: "Open event streams by transport and HTTP protocol.",
+		}, []string{"transport", "proto"}),
+		eventsWritten: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "agentstream_stream_events_written_total",
+			Help: "Events written to stream clients, by transport.",
+		}, []string{"transport"}),
+		bytesWritten: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "agentstream_stream_bytes_written_total",
+			Help: "Event bytes written to stream clients, by transport.",
+		}, []string{"transport"}),
+		drops: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "agentstream_stream_ends_total",
+			Help: "Streams that ended, by reason (agent exited, client gone, write timeout, ...).",
+		}, []string{"reason"}),
 	}
 	m.reg.MustRegister(m.ingested, m.appendSeconds, m.storeErrors, m.requests,
+		m.openStreams, m.eventsWritten, m.bytesWritten, m.drops,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -28,6 +28,12 @@ type Config struct {
 	// writers added (default 500 ms).
 	PollInterval time.Duration
 
+	WriteTimeout time.Duration // drop a stream client that accepts no bytes this long (10 s)
+	Keepalive    time.Duration // SSE comment / WS ping interval (30 s)
+	Origins      []string      // more origins allowed to open WebSockets
+	TLSCert      string        // with TLSKey: serve HTTPS, HTTP/2 by ALPN
+	TLSKey       string
+
 	// Demo, when set, replays these sessions as live agents of DemoTown.
 	Demo [][]RecordedEvent
 
@@ -67,45 +73,53 @@ func Serve(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	srv := &http.Server{
-		Handler:           New(store, sched, auth, log),
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-	}
+	api := New(store, sched, auth, Options{Log: log, WriteTimeout: cfg.WriteTimeout, Keepalive: cfg.Keepalive, Origins: cfg.Origins})
+	srv := newHTTPServer(api, log)
 	addr := ln.Addr().String()
-	log.Info("listening", "addr", addr, "url", "http://"+addr+"/", "db", dsn)
+	scheme := "http"
+	if cfg.TLSCert != "" {
+		scheme = "https"
+	}
+	log.Info("listening", "addr", addr, "url", scheme+"://"+addr+"/", "db", dsn)
 
 	var wg sync.WaitGroup
-	demoCtx, stopDemo := context.WithCancel(ctx)
-	defer stopDemo()
+	bgCtx, stopBackground := context.WithCancel(ctx) // the demo and the ticket sweeper
+	defer stopBackground()
 	if len(cfg.Demo) > 0 {
 		viewer, err := auth.MintViewer(DemoTown, 24*time.Hour)
 		if err != nil {
 			return err
 		}
 		if cfg.Out != nil {
-			fmt.Fprintf(cfg.Out, "\nagentstream demo: open http://%s/#token=%s\n\n", linkHost(ln.Addr()), viewer)
+			fmt.Fprintf(cfg.Out, "\nagentstream demo: open %s://%s/#token=%s\n\n", scheme, linkHost(ln.Addr()), viewer)
 		}
 		d := &Demo{Store: store, Sessions: cfg.Demo, Log: log, Pause: 3 * time.Second}
 		wg.Go(func() {
-			if err := d.Run(demoCtx); err != nil && !errors.Is(err, context.Canceled) {
+			if err := d.Run(bgCtx); err != nil && !errors.Is(err, context.Canceled) {
 				log.Error("demo", "err", err)
 			}
 		})
 	}
 
+	wg.Go(func() { sweepTickets(bgCtx, store, log) })
+
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(ln) }()
+	go func() {
+		if cfg.TLSCert != "" {
+			serveErr <- srv.ServeTLS(ln, cfg.TLSCert, cfg.TLSKey)
+			return
+		}
+		serveErr <- srv.Serve(ln)
+	}()
 	select {
 	case err := <-serveErr:
-		stopDemo()
+		stopBackground()
 		wg.Wait()
 		return fmt.Errorf("serve: %w", err)
 	case <-ctx.Done():
 	}
 	log.Info("shutting down")
-	stopDemo()
+	stopBackground()
 	wg.Wait()
 	timeout := cfg.ShutdownTimeout
 	if timeout <= 0 {
@@ -113,12 +127,51 @@ func Serve(ctx context.Context, cfg Config) error {
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
+	// Streams first: Shutdown waits for neither an SSE response that never
+	// ends by itself nor a hijacked WebSocket.
+	if err := api.Drain(sctx); err != nil {
+		log.Warn("streams still open at shutdown", "err", err)
+	}
 	if err := srv.Shutdown(sctx); err != nil {
 		srv.Close()
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	log.Info("stopped")
 	return nil
+}
+
+// newHTTPServer is the http.Server agentstream runs: HTTP/1.1 and HTTP/2 on
+// one port — HTTP/2 by ALPN over TLS, and as cleartext h2c with prior
+// knowledge — so a browser multiplexes many agent streams over one
+// connection instead of six per host.
+func newHTTPServer(h http.Handler, log *slog.Logger) *http.Server {
+	protocols := new(http.Protocols)
+	protocols.SetHTTP1(true)
+	protocols.SetHTTP2(true)
+	protocols.SetUnencryptedHTTP2(true)
+	return &http.Server{
+		Handler:           h,
+		Protocols:         protocols,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+}
+
+// sweepTickets deletes expired stream tickets once a minute.
+func sweepTickets(ctx context.Context, store *model.Store, log *slog.Logger) {
+	t := time.NewTicker(time.Minute)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return
+		}
+		if _, err := store.SweepTickets(ctx, time.Now().Add(-time.Minute)); err != nil && ctx.Err() == nil {
+			log.Error("sweep tickets", "err", err)
+		}
+	}
 }
 
 // linkHost is the host:port a person on this machine opens: a wildcard

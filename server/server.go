@@ -9,37 +9,84 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/agentstream/agentstream/model"
 	"github.com/agentstream/agentstream/poll"
+	"github.com/agentstream/agentstream/transport"
 )
 
 // Server is the HTTP API over one Store and the poll scheduler that feeds
 // its streams.
 type Server struct {
-	store   *model.Store
-	sched   *poll.Scheduler
-	auth    *Auth
-	log     *slog.Logger
-	metrics *metrics
-	handler http.Handler
+	store      *model.Store
+	sched      *poll.Scheduler
+	auth       *Auth
+	log        *slog.Logger
+	metrics    *metrics
+	handler    http.Handler
+	streamOpts transport.Options
+	origins    []string
+	encoders   map[transport.Format]func(*model.Event) []byte
+
+	drain    context.Context // cancelled by Drain: every stream ends
+	drainNow context.CancelFunc
+	streams  sync.WaitGroup // open streams, hijacked WebSockets included
+}
+
+// Options tune a Server; zero values are the defaults.
+type Options struct {
+	Log          *slog.Logger  // default slog.Default()
+	WriteTimeout time.Duration // a client that accepts no bytes this long is dropped; default 10 s
+	Keepalive    time.Duration // SSE comment / WS ping interval; default 30 s
+	Origins      []string      // origins allowed to open WebSockets besides the server's own
 }
 
 // New returns a Server. It wires the store's commit hook to the scheduler,
 // so local appends reach streams at once, and registers the scheduler's
-// metrics. log may be nil (slog.Default()).
-func New(store *model.Store, sched *poll.Scheduler, auth *Auth, log *slog.Logger) *Server {
-	if log == nil {
-		log = slog.Default()
+// metrics.
+func New(store *model.Store, sched *poll.Scheduler, auth *Auth, opts Options) *Server {
+	if opts.Log == nil {
+		opts.Log = slog.Default()
 	}
-	s := &Server{store: store, sched: sched, auth: auth, log: log, metrics: newMetrics()}
+	if opts.WriteTimeout <= 0 {
+		opts.WriteTimeout = 10 * time.Second
+	}
+	if opts.Keepalive <= 0 {
+		opts.Keepalive = 30 * time.Second
+	}
+	s := &Server{
+		store: store, sched: sched, auth: auth, log: opts.Log, metrics: newMetrics(),
+		streamOpts: transport.Options{WriteTimeout: opts.WriteTimeout, Keepalive: opts.Keepalive},
+		origins:    opts.Origins,
+		encoders:   encoders(),
+	}
+	s.drain, s.drainNow = context.WithCancel(context.Background())
 	store.OnCommit(sched.Notify)
 	s.metrics.reg.MustRegister(sched.Metrics.Collectors()...)
 	s.handler = s.routes()
 	return s
+}
+
+// Drain ends every open stream — SSE responses end, WebSockets close with
+// 1001 — and waits for them, up to ctx. New streams are refused. Call it
+// before http.Server.Shutdown, which waits for neither kind.
+func (s *Server) Drain(ctx context.Context) error {
+	s.drainNow()
+	done := make(chan struct{})
+	go func() {
+		s.streams.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // ServeHTTP serves the API.
@@ -55,6 +102,8 @@ func (s *Server) routes() http.Handler {
 	handle("POST", "/api/rigs/{rigId}/agent-events", s.handleIngest)
 	handle("GET", "/api/rigs/{rigId}/agents/{agentId}/events", s.handleEvents)
 	handle("GET", "/api/towns/{townId}/agents", s.handleAgents)
+	handle("POST", "/api/towns/{townId}/container/agents/{agentId}/stream-ticket", s.handleTicket)
+	handle("GET", "/api/towns/{townId}/container/agents/{agentId}/stream", s.handleStream)
 	handle("GET", "/healthz", s.handleHealthz)
 	handle("GET", "/readyz", s.handleReadyz)
 	handle("GET", "/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}).ServeHTTP)

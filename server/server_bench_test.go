@@ -23,7 +23,7 @@ func BenchmarkPostSingle(b *testing.B) {
 			defer tr.CloseIdleConnections()
 			client := &http.Client{Transport: tr}
 			post := func() {
-				req, _ := http.NewRequest("POST", e.srv.URL+"/api/rigs/r1/agent-events", bytes.NewReader(body))
+				req, _ := http.NewRequest("POST", e.base+"/api/rigs/r1/agent-events", bytes.NewReader(body))
 				req.Header.Set("Authorization", "Bearer "+e.agent)
 				req.Header.Set("Content-Type", "application/json")
 				resp, err := client.Do(req)

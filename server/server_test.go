@@ -7,8 +7,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
+	"net"
 	"net/http"
-	"net/http/httptest"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -20,19 +21,25 @@ import (
 	"github.com/agentstream/agentstream/poll"
 )
 
-// testEnv is a real server on 127.0.0.1 over a real SQLite file.
+// testEnv is a real server on 127.0.0.1 — the http.Server agentstream runs,
+// HTTP/1.1 and h2c on one port — over a real SQLite file.
 type testEnv struct {
 	t      testing.TB
 	store  *model.Store
+	sched  *poll.Scheduler
 	auth   *Auth
-	srv    *httptest.Server
+	api    *Server
+	base   string // http://127.0.0.1:port
+	client *http.Client
 	agent  string // token of agent a1, rig r1, town t1
 	viewer string // viewer of town t1
 }
 
-func newEnv(t testing.TB) *testEnv {
+func newEnv(t testing.TB) *testEnv { return newEnvWith(t, Options{}, model.Options{}) }
+
+func newEnvWith(t testing.TB, opts Options, sopts model.Options) *testEnv {
 	t.Helper()
-	store, err := model.Open(context.Background(), filepath.Join(t.TempDir(), "agentstream.db"), model.Options{})
+	store, err := model.Open(context.Background(), filepath.Join(t.TempDir(), "agentstream.db"), sopts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,13 +48,28 @@ func newEnv(t testing.TB) *testEnv {
 		t.Fatal(err)
 	}
 	sched := poll.New(store, poll.Options{})
-	srv := httptest.NewServer(New(store, sched, auth, nil))
+	if opts.Log == nil {
+		opts.Log = slog.New(slog.DiscardHandler)
+	}
+	api := New(store, sched, auth, opts)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := newHTTPServer(api, opts.Log)
+	go hs.Serve(ln)
+	tr := &http.Transport{MaxIdleConnsPerHost: 64}
 	t.Cleanup(func() {
-		srv.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		api.Drain(ctx)
+		hs.Close()
+		tr.CloseIdleConnections()
 		sched.Close()
 		store.Close()
 	})
-	e := &testEnv{t: t, store: store, auth: auth, srv: srv}
+	e := &testEnv{t: t, store: store, sched: sched, auth: auth, api: api,
+		base: "http://" + ln.Addr().String(), client: &http.Client{Transport: tr}}
 	e.agent = e.mustMintAgent("t1", "r1", "a1")
 	e.viewer, err = auth.MintViewer("t1", time.Hour)
 	if err != nil {
@@ -67,7 +89,7 @@ func (e *testEnv) mustMintAgent(town, rig, agent string) string {
 // do sends a request and returns the status, headers and decoded JSON body.
 func (e *testEnv) do(method, path, token, contentType string, body []byte) (int, http.Header, map[string]any) {
 	e.t.Helper()
-	req, err := http.NewRequest(method, e.srv.URL+path, bytes.NewReader(body))
+	req, err := http.NewRequest(method, e.base+path, bytes.NewReader(body))
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -77,7 +99,7 @@ func (e *testEnv) do(method, path, token, contentType string, body []byte) (int,
 	if contentType != "" {
 		req.Header.Set("Content-Type", contentType)
 	}
-	resp, err := e.srv.Client().Do(req)
+	resp, err := e.client.Do(req)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -290,7 +312,7 @@ func TestHealthReadyMetrics(t *testing.T) {
 	if code, _, _ := e.do("GET", "/readyz", "", "", nil); code != 200 {
 		t.Fatalf("readyz %d", code)
 	}
-	resp, err := http.Get(e.srv.URL + "/metrics")
+	resp, err := e.client.Get(e.base + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,120 @@
+package transport
+
+import (
+	"net/http"
+	"time"
+)
+
+// SSE is a text/event-stream response (HTTP/1.1 or HTTP/2).
+type SSE struct {
+	w     http.ResponseWriter
+	rc    *http.ResponseController
+	proto string
+	ndj   bool // NDJSON: same mechanics, another framing
+	opts  Options
+}
+
+// NewSSE starts an event stream on w: headers, then `retry: 2000`, flushed
+// so the client knows at once that it is connected.
+func NewSSE(w http.ResponseWriter, r *http.Request, opts Options) (*SSE, error) {
+	h := w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("X-Accel-Buffering", "no") // proxies like nginx must not buffer
+	s := &SSE{w: w, rc: http.NewResponseController(w), proto: r.Proto, opts: opts}
+	w.WriteHeader(http.StatusOK)
+	return s, s.write([]byte("retry: 2000\n\n"))
+}
+
+// NewNDJSON starts a newline-delimited JSON stream on w: one event object
+// per line, for `curl -N ... | jq`.
+func NewNDJSON(w http.ResponseWriter, r *http.Request, opts Options) (*SSE, error) {
+	h := w.Header()
+	h.Set("Content-Type", "application/x-ndjson")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("X-Accel-Buffering", "no")
+	s := &SSE{w: w, rc: http.NewResponseController(w), proto: r.Proto, ndj: true, opts: opts}
+	w.WriteHeader(http.StatusOK)
+	return s, s.rc.Flush()
+}
+
+func (s *SSE) Kind() string {
+	if s.ndj {
+		return "ndjson"
+	}
+	return "sse"
+}
+
+func (s *SSE) Proto() string { return s.proto }
+
+func (s *SSE) Format() Format {
+	if s.ndj {
+		return FormatNDJSON
+	}
+	return FormatSSE
+}
+
+// WriteEvents writes the frames into the response's buffer and flushes
+// once, under a write deadline.
+func (s *SSE) WriteEvents(frames [][]byte) error {
+	if err := s.deadline(); err != nil {
+		return err
+	}
+	for _, f := range frames {
+		if _, err := s.w.Write(f); err != nil {
+			return err
+		}
+	}
+	return s.rc.Flush()
+}
+
+func (s *SSE) WriteNotice(name string, payload []byte) error {
+	if s.ndj {
+		b := make([]byte, 0, len(payload)+len(name)+16)
+		b = append(b, `{"notice":"`...)
+		b = append(b, name...)
+		b = append(b, '"')
+		if len(payload) > 2 { // an object with fields: splice them in
+			b = append(b, ',')
+			b = append(b, payload[1:len(payload)-1]...)
+		}
+		return s.write(append(b, "}\n"...))
+	}
+	b := make([]byte, 0, len(payload)+len(name)+16)
+	b = append(b, "event: "...)
+	b = append(b, name...)
+	b = append(b, "\ndata: "...)
+	b = append(b, payload...)
+	return s.write(append(b, "\n\n"...))
+}
+
+func (s *SSE) Keepalive() error {
+	if s.ndj {
+		return s.write([]byte("\n")) // jq and JSON-lines readers skip blank lines
+	}
+	return s.write([]byte(": keepalive\n\n"))
+}
+
+// Close ends nothing by itself: the response ends when the handler returns.
+func (s *SSE) Close(Reason) error { return nil }
+
+func (s *SSE) write(b []byte) error {
+	if err := s.deadline(); err != nil {
+		return err
+	}
+	if _, err := s.w.Write(b); err != nil {
+		return err
+	}
+	return s.rc.Flush()
+}
+
+func (s *SSE) deadline() error {
+	if s.opts.WriteTimeout <= 0 {
+		return nil
+	}
+	err := s.rc.SetWriteDeadline(time.Now().Add(s.opts.WriteTimeout))
+	if err == http.ErrNotSupported {
+		return nil
+	}
+	return err
+}

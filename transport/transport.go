@@ -1,0 +1,133 @@
+// Package transport is the wire side of agentstream's event streams: one
+// Stream interface that the stream handler writes to, and its SSE,
+// WebSocket (gobwas/ws) and NDJSON implementations.
+//
+// It knows bytes and cursors, not events or SQL: the handler hands it
+// frames made by Encode, computed once per event and format and shared by
+// every client, and a Stream writes them in as few system calls as it can.
+package transport
+
+import (
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/gobwas/ws"
+)
+
+// Format is a wire encoding of one event.
+type Format uint8
+
+// The formats. FormatJSON is the event's JSON object, the base the others
+// are built from.
+const (
+	FormatJSON Format = iota
+	FormatSSE
+	FormatWS
+	FormatNDJSON
+)
+
+// Encode returns the frame for one event in format f, given the event's id
+// and its JSON object (which must not contain a raw newline: compact JSON
+// never does).
+func Encode(f Format, id int64, eventJSON []byte) []byte {
+	switch f {
+	case FormatSSE:
+		b := make([]byte, 0, len(eventJSON)+32)
+		b = append(b, "id: "...)
+		b = strconv.AppendInt(b, id, 10)
+		b = append(b, "\ndata: "...)
+		b = append(b, eventJSON...)
+		return append(b, "\n\n"...)
+	case FormatWS:
+		// A server's frames are not masked, so the whole frame — header
+		// and payload — is the same for every client.
+		h := ws.Header{Fin: true, OpCode: ws.OpText, Length: int64(len(eventJSON))}
+		b := make([]byte, ws.HeaderSize(h), ws.HeaderSize(h)+len(eventJSON))
+		writeHeader(b, h)
+		return append(b, eventJSON...)
+	case FormatNDJSON:
+		b := make([]byte, 0, len(eventJSON)+1)
+		b = append(b, eventJSON...)
+		return append(b, '\n')
+	}
+	return eventJSON
+}
+
+// Reason is why the server ends a stream.
+type Reason int
+
+// The reasons, with their WebSocket close codes.
+const (
+	ReasonEnded    Reason = iota // the agent exited: 1000
+	ReasonShutdown               // the server is going away: 1001
+	ReasonPolicy                 // the client broke the rules: 1008
+	ReasonError                  // the server failed: 1011
+)
+
+func (r Reason) String() string {
+	return [...]string{"agent exited", "server shutting down", "policy violation", "server error"}[r]
+}
+
+// Stream is one client's event stream. Its methods are called from one
+// goroutine, the stream handler's.
+type Stream interface {
+	// Kind is "sse", "ws" or "ndjson"; Proto is the HTTP protocol
+	// ("HTTP/1.1", "HTTP/2.0").
+	Kind() string
+	Proto() string
+	// Format is the encoding WriteEvents expects.
+	Format() Format
+	// WriteEvents writes frames made by Encode for Format, in order, with
+	// as few writes as it can, and flushes them to the client.
+	WriteEvents(frames [][]byte) error
+	// WriteNotice writes a named notice whose payload is a JSON object.
+	WriteNotice(name string, payload []byte) error
+	// Keepalive writes something the client does not show as an event.
+	Keepalive() error
+	// Close ends the stream; it is called once, last.
+	Close(reason Reason) error
+}
+
+// Options are the settings every transport shares.
+type Options struct {
+	// WriteTimeout is how long a write may wait for a client that accepts
+	// no bytes before the stream is dropped.
+	WriteTimeout time.Duration
+	// Keepalive is the interval of keepalives (SSE comment, WS ping); a
+	// WebSocket client that sends nothing, not even a pong, for three
+	// intervals is dropped.
+	Keepalive time.Duration
+}
+
+// Kind of transport a request asks for: "ws" for a WebSocket upgrade,
+// "ndjson" for Accept: application/x-ndjson, else "sse".
+func Negotiate(r *http.Request) string {
+	if strings.EqualFold(r.Header.Get("Upgrade"), "websocket") {
+		return "ws"
+	}
+	for _, a := range r.Header.Values("Accept") {
+		for _, part := range strings.Split(a, ",") {
+			mt, _, _ := strings.Cut(strings.TrimSpace(part), ";")
+			if strings.EqualFold(strings.TrimSpace(mt), "application/x-ndjson") {
+				return "ndjson"
+			}
+		}
+	}
+	return "sse"
+}
+
+// writeHeader puts a WebSocket frame header into b, which must be exactly
+// ws.HeaderSize(h) long.
+func writeHeader(b []byte, h ws.Header) {
+	w := fixedWriter{b: b[:0]}
+	_ = ws.WriteHeader(&w, h) // cannot fail: the buffer has room
+}
+
+type fixedWriter struct{ b []byte }
+
+func (w *fixedWriter) Write(p []byte) (int, error) {
+	w.b = append(w.b, p...)
+	return len(p), nil
+}
