@@ -31,6 +31,7 @@ const usage = `agentstream: watch AI agents work, live.
 
 Usage:
   agentstream serve  [--addr 127.0.0.1:8080] [--data ./agentstream-data] [--db URL] [--demo]
+                     [--tls-cert F --tls-key F] [--origin URL ...]
   agentstream token agent  --town T --rig R --agent A [--ttl 24h] [--data DIR]
   agentstream token viewer --town T [--ttl 24h] [--data DIR]
 
@@ -123,6 +124,12 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	db := fs.String("db", "", "database: sqlite:PATH (default DATA/agentstream.db)")
 	retain := fs.Int("retain", 2000, "events kept per agent; older ones are pruned")
 	pollEvery := fs.Duration("poll-interval", 500*time.Millisecond, "how often a watched agent's feed polls the database for other writers' events")
+	writeTimeout := fs.Duration("write-timeout", 10*time.Second, "drop a stream client that accepts no bytes for this long")
+	keepalive := fs.Duration("keepalive", 30*time.Second, "interval of SSE keepalive comments and WebSocket pings")
+	tlsCert := fs.String("tls-cert", "", "TLS certificate file (PEM); with --tls-key, serve HTTPS and HTTP/2")
+	tlsKey := fs.String("tls-key", "", "TLS key file (PEM)")
+	var origins listFlag
+	fs.Var(&origins, "origin", "an origin (scheme://host[:port]) allowed to open WebSocket streams besides the server's own; repeatable, or comma-separated")
 	demo := fs.Bool("demo", false, "replay recorded agent sessions in town \"demo\" and print a dashboard link")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	if err := parse(fs, args); err != nil {
@@ -131,8 +138,11 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	if *retain < 1 {
 		return usageError{"--retain must be at least 1"}
 	}
-	if *pollEvery <= 0 {
-		return usageError{"--poll-interval must be positive"}
+	if *pollEvery <= 0 || *writeTimeout <= 0 || *keepalive <= 0 {
+		return usageError{"--poll-interval, --write-timeout and --keepalive must be positive"}
+	}
+	if (*tlsCert == "") != (*tlsKey == "") {
+		return usageError{"--tls-cert and --tls-key go together"}
 	}
 	log, err := newLogger(*logFormat, stderr)
 	if err != nil {
@@ -140,6 +150,8 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	}
 	cfg := server.Config{
 		Addr: *addr, DataDir: *data, DB: *db, Retain: *retain, PollInterval: *pollEvery,
+		WriteTimeout: *writeTimeout, Keepalive: *keepalive, Origins: origins,
+		TLSCert: *tlsCert, TLSKey: *tlsKey,
 		Secret: os.Getenv("AGENTSTREAM_SECRET"), Log: log, Out: stdout,
 	}
 	if *demo {
@@ -150,6 +162,21 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	return server.Serve(ctx, cfg)
+}
+
+// listFlag is a repeatable flag whose values may also be comma-separated
+// (so one environment variable can carry several).
+type listFlag []string
+
+func (l *listFlag) String() string { return strings.Join(*l, ",") }
+
+func (l *listFlag) Set(v string) error {
+	for _, p := range strings.Split(v, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			*l = append(*l, p)
+		}
+	}
+	return nil
 }
 
 func loadDemo() ([][]server.RecordedEvent, error) {

@@ -66,6 +66,7 @@ type Store struct {
 	appendc chan *appendReq
 	wdone   chan struct{}
 
+	pruneMu sync.Mutex // one pruning pass at a time
 	dirtyMu sync.Mutex
 	dirty   map[string]struct{} // agents appended to since the last prune
 	prunec  chan struct{}       // wakes the pruner; capacity 1
@@ -402,6 +403,10 @@ func (s *Store) pruneLoop() {
 // older than its newest Retain. It runs in the background; tests and
 // operators may call it to prune now.
 func (s *Store) Prune(ctx context.Context) error {
+	// One pass at a time: a caller of Prune returns only after any pass
+	// already under way (the background one) has finished too.
+	s.pruneMu.Lock()
+	defer s.pruneMu.Unlock()
 	s.dirtyMu.Lock()
 	agents := make([]string, 0, len(s.dirty))
 	for a := range s.dirty {

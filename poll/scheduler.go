@@ -131,7 +131,7 @@ func (s *Scheduler) Subscribe(ctx context.Context, k model.AgentKey, afterID int
 		kick:     make(chan struct{}, 1),
 		catching: true,
 	}
-	sub.stopCtx = context.AfterFunc(ctx, sub.Close)
+	sub.stopCtx = context.AfterFunc(ctx, sub.close)
 	return sub, nil
 }
 

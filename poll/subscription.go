@@ -209,8 +209,14 @@ func (s *Subscription) catchUp(ctx context.Context, buf []*Item, max int) (_ []*
 
 // Close ends the subscription; the last one of an agent stops its feed.
 func (s *Subscription) Close() {
+	s.stopCtx()
+	s.close()
+}
+
+// close is Close without unhooking the context; it is what the context's
+// AfterFunc calls (possibly while Subscribe is still setting stopCtx).
+func (s *Subscription) close() {
 	s.once.Do(func() {
-		s.stopCtx()
 		f := s.f
 		f.mu.Lock()
 		s.closed.Store(true)

@@ -34,6 +34,8 @@ type Server struct {
 
 	drain    context.Context // cancelled by Drain: every stream ends
 	drainNow context.CancelFunc
+	mu       sync.Mutex     // orders streams.Add before Drain's Wait
+	draining bool           // guarded by mu
 	streams  sync.WaitGroup // open streams, hijacked WebSockets included
 }
 
@@ -75,6 +77,9 @@ func New(store *model.Store, sched *poll.Scheduler, auth *Auth, opts Options) *S
 // 1001 — and waits for them, up to ctx. New streams are refused. Call it
 // before http.Server.Shutdown, which waits for neither kind.
 func (s *Server) Drain(ctx context.Context) error {
+	s.mu.Lock()
+	s.draining = true
+	s.mu.Unlock()
 	s.drainNow()
 	done := make(chan struct{})
 	go func() {
@@ -87,6 +92,17 @@ func (s *Server) Drain(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// enterStream counts a stream in, unless the server is draining.
+func (s *Server) enterStream() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.draining {
+		return false
+	}
+	s.streams.Add(1)
+	return true
 }
 
 // ServeHTTP serves the API.

@@ -63,10 +63,11 @@ func (s *Server) viewerOf(r *http.Request, town string) *apiError {
 // the agent exits, the client leaves or the server shuts down.
 func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 	town, agent := r.PathValue("townId"), r.PathValue("agentId")
-	if s.drain.Err() != nil {
+	if !s.enterStream() {
 		writeError(w, errorf(http.StatusServiceUnavailable, "shutting_down", "The server is shutting down; reconnect shortly."))
 		return
 	}
+	defer s.streams.Done()
 	if t := r.URL.Query().Get("ticket"); t != "" {
 		ok, err := s.store.RedeemTicket(r.Context(), t, town, agent)
 		if err != nil {
@@ -130,8 +131,6 @@ func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 		st.Close(transport.ReasonEnded)
 		return
 	}
-	s.streams.Add(1)
-	defer s.streams.Done()
 	s.serveStream(ctx, st, key, cursor)
 }
 

@@ -29,10 +29,11 @@ type WS struct {
 	opts Options
 	gone func() // called once when the client has gone
 
-	mu      sync.Mutex // serializes writes: handler, reader (pong, close)
-	closed  bool       // a close frame was sent
-	bufs    net.Buffers
-	endOnce sync.Once
+	mu       sync.Mutex // serializes writes: handler, reader (pong, close)
+	closed   bool       // a close frame was sent
+	bufs     net.Buffers
+	endOnce  sync.Once
+	readDone chan struct{} // closed when readLoop has returned and the socket is closed
 }
 
 // UpgradeWS answers the WebSocket handshake on w and starts the reader of
@@ -51,7 +52,7 @@ func UpgradeWS(w http.ResponseWriter, r *http.Request, opts Options, gone func()
 		early, _ := rw.Reader.Peek(n)
 		conn = &prefixConn{Conn: conn, r: io.MultiReader(bytes.NewReader(bytes.Clone(early)), conn)}
 	}
-	s := &WS{conn: conn, opts: opts, gone: gone}
+	s := &WS{conn: conn, opts: opts, gone: gone, readDone: make(chan struct{})}
 	go s.readLoop()
 	return s, nil
 }
@@ -98,7 +99,14 @@ func (s *WS) Keepalive() error {
 	return err
 }
 
-// Close sends a close frame with the reason's code and closes the socket.
+// closeLinger bounds how long a closing connection waits for the client's
+// close frame, or drains what the client still sends.
+const closeLinger = 2 * time.Second
+
+// Close sends a close frame with the reason's code, then waits (up to
+// closeLinger) for the client's close before closing the socket: closing
+// while the client's bytes are unread would reset the connection, and the
+// client could lose the close frame and its code.
 func (s *WS) Close(reason Reason) error {
 	code := map[Reason]ws.StatusCode{
 		ReasonEnded:    ws.StatusNormalClosure,
@@ -107,7 +115,8 @@ func (s *WS) Close(reason Reason) error {
 		ReasonError:    ws.StatusInternalServerError,
 	}[reason]
 	err := s.sendClose(code, reason.String())
-	s.conn.Close()
+	s.conn.SetReadDeadline(time.Now().Add(closeLinger))
+	<-s.readDone
 	return err
 }
 
@@ -156,17 +165,17 @@ func (s *WS) readLoop() {
 		h, err := ws.ReadHeaderBuffer(s.conn, hb[:])
 		if err != nil {
 			if errors.Is(err, ws.ErrHeaderLengthMSB) || errors.Is(err, ws.ErrHeaderLengthUnexpected) {
-				s.sendClose(ws.StatusPolicyViolation, "malformed frame")
+				s.refuse(ws.StatusPolicyViolation, "malformed frame")
 			}
 			return
 		}
 		switch {
 		case !h.Masked || h.Rsv != 0 || h.OpCode.IsReserved() ||
 			(h.OpCode.IsControl() && (h.Length > 125 || !h.Fin)):
-			s.sendClose(ws.StatusPolicyViolation, "malformed frame")
+			s.refuse(ws.StatusPolicyViolation, "malformed frame")
 			return
 		case h.Length > maxClientPayload:
-			s.sendClose(ws.StatusMessageTooBig, "this stream takes no messages")
+			s.refuse(ws.StatusMessageTooBig, "this stream takes no messages")
 			return
 		}
 		p := payload[:h.Length]
@@ -190,9 +199,20 @@ func (s *WS) readLoop() {
 	}
 }
 
+// refuse closes on a client's broken frame: the close frame, then the
+// client's remaining bytes read and dropped (for at most closeLinger), so
+// that the socket closes cleanly rather than with a reset that could make
+// the client lose the close code.
+func (s *WS) refuse(code ws.StatusCode, text string) {
+	s.sendClose(code, text)
+	s.conn.SetReadDeadline(time.Now().Add(closeLinger))
+	io.Copy(io.Discard, s.conn)
+}
+
 func (s *WS) end() {
 	s.endOnce.Do(func() {
 		s.conn.Close()
+		close(s.readDone)
 		if s.gone != nil {
 			s.gone()
 		}
