@@ -7,19 +7,23 @@ package main
 import (
 	"context"
 	"embed"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"io/fs"
 	"log/slog"
+	"net/url"
 	"os"
 	"os/signal"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/agentstream/agentstream/model"
 	"github.com/agentstream/agentstream/server"
+	"github.com/agentstream/agentstream/transport"
 )
 
 // demoSessions are the recorded agent sessions `serve --demo` replays.
@@ -34,6 +38,7 @@ Usage:
                      [--tls-cert F --tls-key F] [--origin URL ...]
   agentstream token agent  --town T --rig R --agent A [--ttl 24h] [--data DIR]
   agentstream token viewer --town T [--ttl 24h] [--data DIR]
+  agentstream tail  --town T --agent A [--server URL] [--after N] [--json] [--token T | --data DIR]
 
 Every flag also reads AGENTSTREAM_<FLAG> from the environment; a flag wins.
 Run "agentstream COMMAND -h" for a command's flags.
@@ -75,6 +80,8 @@ func dispatch(args []string, stdout, stderr io.Writer) error {
 		return cmdServe(args[1:], stdout, stderr)
 	case "token":
 		return cmdToken(args[1:], stdout, stderr)
+	case "tail":
+		return cmdTail(args[1:], stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil
@@ -251,4 +258,68 @@ func cmdToken(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintln(stdout, tok)
 	return nil
+}
+
+func cmdTail(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("tail", stderr)
+	town := fs.String("town", "", "town of the agent")
+	agent := fs.String("agent", "", "agent to follow")
+	srv := fs.String("server", "http://127.0.0.1:8080", "server base URL")
+	after := fs.Int64("after", 0, "start after this event id")
+	asJSON := fs.Bool("json", false, "print each event as one JSON line")
+	token := fs.String("token", "", "viewer token (default: minted from the secret in --data)")
+	data := fs.String("data", "./agentstream-data", "data directory holding the server's secret, when no --token is given")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if *town == "" || *agent == "" {
+		return usageError{"tail needs --town and --agent"}
+	}
+	if *after < 0 {
+		return usageError{"--after must be >= 0"}
+	}
+	if *token == "" {
+		secret, err := server.LoadSecret(os.Getenv("AGENTSTREAM_SECRET"), *data)
+		if err != nil {
+			return fmt.Errorf("no --token, and no secret to mint one: %w", err)
+		}
+		auth, err := server.NewAuth(secret)
+		if err != nil {
+			return err
+		}
+		if *token, err = auth.MintViewer(*town, time.Hour); err != nil {
+			return err
+		}
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	u := strings.TrimRight(*srv, "/") + "/api/towns/" + url.PathEscape(*town) + "/container/agents/" + url.PathEscape(*agent) + "/stream"
+	err := transport.Follow(ctx, transport.FollowOptions{
+		URL: u, Token: *token, After: *after,
+		OnEvent: func(id int64, data []byte) bool {
+			var ev struct {
+				Type      string          `json:"type"`
+				CreatedAt string          `json:"created_at"`
+				Data      json.RawMessage `json:"data"`
+			}
+			json.Unmarshal(data, &ev)
+			if *asJSON {
+				fmt.Fprintf(stdout, "%s\n", data)
+			} else {
+				fmt.Fprintf(stdout, "%d\t%s\t%s\t%s\n", id, ev.CreatedAt, ev.Type, ev.Data)
+			}
+			return ev.Type == model.TypeExited
+		},
+		OnNotice: func(name string, data []byte) {
+			fmt.Fprintf(stderr, "agentstream: notice %s %s\n", name, data)
+		},
+		OnReconnect: func(err error, wait time.Duration) {
+			fmt.Fprintf(stderr, "agentstream: reconnecting in %s: %v\n", wait.Round(time.Millisecond), err)
+		},
+	})
+	switch {
+	case err == nil, errors.Is(err, transport.ErrEnded), errors.Is(err, context.Canceled):
+		return nil
+	}
+	return err
 }

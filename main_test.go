@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -67,7 +68,12 @@ type serveProc struct {
 // says where it listens.
 func startServer(t *testing.T, bin, data string) *serveProc {
 	t.Helper()
-	cmd := exec.Command(bin, "serve", "--addr", "127.0.0.1:0", "--data", data, "--log-format", "json")
+	return startServerAt(t, bin, data, "127.0.0.1:0")
+}
+
+func startServerAt(t *testing.T, bin, data, addr string) *serveProc {
+	t.Helper()
+	cmd := exec.Command(bin, "serve", "--addr", addr, "--data", data, "--log-format", "json")
 	cmd.Env = cleanEnv()
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -77,13 +83,13 @@ func startServer(t *testing.T, bin, data string) *serveProc {
 		t.Fatal(err)
 	}
 	s := &serveProc{cmd: cmd, done: make(chan struct{})}
-	addr := make(chan string, 1)
+	addrc := make(chan string, 1)
 	go func() {
 		sc := bufio.NewScanner(stderr)
 		for sc.Scan() {
 			var line struct{ Msg, Addr string }
 			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "listening" {
-				addr <- line.Addr
+				addrc <- line.Addr
 			}
 		}
 		io.Copy(io.Discard, stderr)
@@ -94,7 +100,7 @@ func startServer(t *testing.T, bin, data string) *serveProc {
 		<-s.done
 	})
 	select {
-	case a := <-addr:
+	case a := <-addrc:
 		s.base = "http://" + a
 	case <-s.done:
 		t.Fatalf("serve exited before listening: %v", s.err)
@@ -236,5 +242,75 @@ func TestFlagBeatsEnvironment(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dirFlag, "secret")); err != nil {
 		t.Fatalf("--data did not win over AGENTSTREAM_DATA: %v", err)
+	}
+}
+
+// TestTailFollowsAcrossRestart: tail prints every event exactly once, in
+// order, across a restart of the server, and exits 0 after agent.exited.
+func TestTailFollowsAcrossRestart(t *testing.T) {
+	bin := buildBinary(t)
+	data := filepath.Join(t.TempDir(), "data")
+	agent := runCmd(t, bin, "token", "agent", "--town", "t", "--rig", "r", "--agent", "a", "--data", data)
+	s := startServer(t, bin, data)
+	var acked []int64
+	for i := range 3 {
+		acked = append(acked, postEvent(t, s.base, agent, fmt.Sprintf(`{"type":"step","data":{"n":%d}}`, i))...)
+	}
+	tail := exec.Command(bin, "tail", "--town", "t", "--agent", "a", "--server", s.base, "--json", "--data", data)
+	tail.Env = cleanEnv()
+	out, err := tail.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tailErr bytes.Buffer
+	tail.Stderr = &tailErr
+	if err := tail.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tail.Process.Kill() })
+	lines := make(chan string, 100)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	var got []int64
+	next := func() {
+		t.Helper()
+		select {
+		case l, ok := <-lines:
+			if !ok {
+				t.Fatalf("tail ended early; stderr: %s", tailErr.String())
+			}
+			var ev wireEvent
+			if err := json.Unmarshal([]byte(l), &ev); err != nil {
+				t.Fatalf("tail printed %q: %v", l, err)
+			}
+			got = append(got, ev.ID)
+		case <-time.After(60 * time.Second):
+			t.Fatalf("tail printed nothing for 60 s; stderr: %s", tailErr.String())
+		}
+	}
+	for range 3 {
+		next()
+	}
+	addr := strings.TrimPrefix(s.base, "http://")
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	<-s.done
+	s = startServerAt(t, bin, data, addr)
+	for i := 3; i < 6; i++ {
+		acked = append(acked, postEvent(t, s.base, agent, fmt.Sprintf(`{"type":"step","data":{"n":%d}}`, i))...)
+	}
+	acked = append(acked, postEvent(t, s.base, agent, `{"type":"agent.exited","data":{"reason":"completed","exit_code":0}}`)...)
+	for range 4 {
+		next()
+	}
+	if err := tail.Wait(); err != nil {
+		t.Fatalf("tail after agent.exited: %v (stderr %s), want exit 0", err, tailErr.String())
+	}
+	if !slices.Equal(got, acked) {
+		t.Fatalf("tail printed ids %v, want %v", got, acked)
 	}
 }
