@@ -40,7 +40,7 @@ var ErrClosed = errors.New("poll: scheduler closed")
 // Options tunes a Scheduler. The zero value is the default.
 type Options struct {
 	Interval time.Duration // between polls of a feed's Source; default 500 ms
-	QueueLen int           // live items a subscriber may hold unread; default 256
+	QueueLen int           // live items a subscriber may hold unread; default 64
 	RingLen  int           // recent items a feed keeps for catching up; default 1024
 	PageSize int           // events per Source read; default 1000
 	Logger   *slog.Logger
@@ -51,7 +51,9 @@ func (o *Options) fill() {
 		o.Interval = 500 * time.Millisecond
 	}
 	if o.QueueLen <= 0 {
-		o.QueueLen = 256
+		// Small: it is allocated for every subscriber, idle or not, and a
+		// subscriber that falls behind catches up from the ring anyway.
+		o.QueueLen = 64
 	}
 	if o.RingLen <= 0 {
 		o.RingLen = 1024

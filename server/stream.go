@@ -100,38 +100,58 @@ func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 	}
 	ended := last != nil && last.Type == model.TypeExited && cursor >= last.ID
 
+	if kind == "ws" {
+		s.upgradeStream(w, r, key, cursor, ended)
+		return
+	}
+	if ended {
+		// 204 is what stops a browser's EventSource from reconnecting.
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
 	stopOnDrain := context.AfterFunc(s.drain, cancel)
 	defer stopOnDrain()
-
 	var st transport.Stream
-	switch kind {
-	case "ws":
-		st, err = transport.UpgradeWS(w, r, s.streamOpts, cancel)
-	case "ndjson":
-		if ended {
-			w.WriteHeader(http.StatusNoContent)
-			return
-		}
+	if kind == "ndjson" {
 		st, err = transport.NewNDJSON(w, r, s.streamOpts)
-	default:
-		if ended {
-			// 204 is what stops a browser's EventSource from reconnecting.
-			w.WriteHeader(http.StatusNoContent)
-			return
-		}
+	} else {
 		st, err = transport.NewSSE(w, r, s.streamOpts)
 	}
 	if err != nil {
 		s.log.Info("stream open failed", "agent", agent, "transport", kind, "err", err)
 		return
 	}
+	s.serveStream(ctx, st, key, cursor)
+}
+
+// upgradeStream serves a WebSocket stream. After the upgrade the handler
+// returns and the stream goes on in a goroutine of its own: net/http's
+// connection goroutine then ends, and with it its grown stack and its read
+// buffer, which it would otherwise keep for the stream's whole life.
+func (s *Server) upgradeStream(w http.ResponseWriter, r *http.Request, key model.AgentKey, cursor int64, ended bool) {
+	// Not r.Context(): it ends when this handler returns.
+	ctx, cancel := context.WithCancel(context.Background())
+	st, err := transport.UpgradeWS(w, r, s.streamOpts, cancel)
+	if err != nil {
+		cancel()
+		s.log.Info("stream open failed", "agent", key.Agent, "transport", "ws", "err", err)
+		return
+	}
 	if ended {
+		cancel()
 		st.Close(transport.ReasonEnded)
 		return
 	}
-	s.serveStream(ctx, st, key, cursor)
+	s.streams.Add(1) // balanced in the goroutine; the handler's own Done follows
+	go func() {
+		defer s.streams.Done()
+		defer cancel()
+		stopOnDrain := context.AfterFunc(s.drain, cancel)
+		defer stopOnDrain()
+		s.serveStream(ctx, st, key, cursor)
+	}()
 }
 
 // serveStream pumps events from the scheduler to st until the end.

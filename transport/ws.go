@@ -157,7 +157,7 @@ func (s *WS) setDeadline() error {
 func (s *WS) readLoop() {
 	defer s.end()
 	var hb [ws.MaxHeaderSize - 2]byte
-	var payload [maxClientPayload]byte
+	var ctl [125]byte // control frames only; data frames are discarded unread
 	for {
 		if s.opts.Keepalive > 0 {
 			s.conn.SetReadDeadline(time.Now().Add(3 * s.opts.Keepalive))
@@ -178,7 +178,16 @@ func (s *WS) readLoop() {
 			s.refuse(ws.StatusMessageTooBig, "this stream takes no messages")
 			return
 		}
-		p := payload[:h.Length]
+		if !h.OpCode.IsControl() {
+			// Nothing to say on this stream: read past it. (No buffer of
+			// our own on this goroutine's stack keeps an idle
+			// connection's stack at its minimum.)
+			if _, err := io.CopyN(io.Discard, s.conn, h.Length); err != nil {
+				return
+			}
+			continue
+		}
+		p := ctl[:h.Length]
 		if _, err := io.ReadFull(s.conn, p); err != nil {
 			return
 		}

@@ -1,0 +1,447 @@
+// Command loadtest measures agentstream's stream fan-out on loopback: one
+// agent, one publisher posting at a fixed rate, N subscribers on SSE or
+// WebSocket. It starts the server under test as a child process, so the
+// server's CPU time and memory are its own, and compares it, in the same
+// run, with a naive design: r3labs/sse's own server (a goroutine and a
+// channel per subscriber, each event formatted per subscriber, nothing
+// stored).
+//
+//	go build -o /tmp/agentstream . && go run ./server/loadtest -bin /tmp/agentstream
+//
+// Every loop is bounded: each scenario runs for -duration and ends.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/gobwas/ws"
+	"github.com/r3labs/sse/v2"
+)
+
+func main() {
+	bin := flag.String("bin", "", "agentstream binary to test (go build -o ... .)")
+	naive := flag.String("naive-serve", "", "internal: run the naive r3labs/sse server on this address")
+	duration := flag.Duration("duration", 10*time.Second, "publishing time per scenario")
+	idle := flag.Int("idle", 5000, "connections for the idle-memory measurement")
+	only := flag.String("only", "", "run only scenarios whose name contains this")
+	flag.Parse()
+	if *naive != "" {
+		serveNaive(*naive)
+		return
+	}
+	if *bin == "" {
+		log.Fatal("-bin is required: go build -o /tmp/agentstream . first")
+	}
+	raiseFDLimit()
+	type scenario struct {
+		server, transport string
+		subs              int
+		rate              int
+	}
+	var scenarios []scenario
+	for _, sc := range []struct{ subs, rate int }{{1000, 200}, {5000, 10}} {
+		scenarios = append(scenarios,
+			scenario{"agentstream", "sse", sc.subs, sc.rate},
+			scenario{"agentstream", "ws", sc.subs, sc.rate},
+			scenario{"r3labs-naive", "sse", sc.subs, sc.rate})
+	}
+	fmt.Printf("%-13s %-4s %6s %5s %10s %6s %5s %9s %9s %12s %14s\n",
+		"server", "tr", "subs", "ev/s", "delivered", "lost", "dup", "p50", "p99", "cpu-s/1M", "deliveries/cpu-s")
+	for _, sc := range scenarios {
+		name := fmt.Sprintf("%s/%s/%dx%d", sc.server, sc.transport, sc.subs, sc.rate)
+		if *only != "" && !strings.Contains(name, *only) {
+			continue
+		}
+		srv := start(sc.server, *bin)
+		r := run(srv, sc.transport, sc.subs, sc.rate, *duration)
+		srv.stop()
+		fmt.Printf("%-13s %-4s %6d %5d %10d %6d %5d %9s %9s %12.2f %14.0f\n",
+			sc.server, sc.transport, sc.subs, sc.rate, r.delivered, r.lost, r.dup,
+			r.p50.Round(10*time.Microsecond), r.p99.Round(10*time.Microsecond),
+			r.cpu/float64(r.delivered)*1e6, float64(r.delivered)/r.cpu)
+	}
+	if *idle > 0 {
+		for _, c := range []struct{ server, transport string }{
+			{"agentstream", "ws"}, {"agentstream", "sse"}, {"r3labs-naive", "sse"}} {
+			if *only != "" && !strings.Contains(c.server+"/"+c.transport+"/idle", *only) {
+				continue
+			}
+			srv := start(c.server, *bin)
+			perConn := idleMemory(srv, c.transport, *idle)
+			srv.stop()
+			fmt.Printf("idle %-13s %-4s %d connections: %.1f KiB per connection\n", c.server, c.transport, *idle, perConn/1024)
+		}
+	}
+}
+
+// server is a server under test, running as a child process.
+type server struct {
+	cmd    *exec.Cmd
+	base   string
+	agent  string // agent token (agentstream) for posting
+	viewer string // viewer token
+	naive  bool
+	dir    string
+}
+
+func start(kind, bin string) *server {
+	dir, err := os.MkdirTemp("", "agentstream-load-")
+	if err != nil {
+		log.Fatal(err)
+	}
+	s := &server{dir: dir, naive: kind == "r3labs-naive"}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		log.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	if s.naive {
+		self, _ := os.Executable()
+		s.cmd = exec.Command(self, "-naive-serve", addr)
+	} else {
+		data := filepath.Join(dir, "data")
+		tok := func(args ...string) string {
+			out, err := exec.Command(bin, append([]string{"token"}, append(args, "--data", data)...)...).Output()
+			if err != nil {
+				log.Fatalf("token: %v", err)
+			}
+			return strings.TrimSpace(string(out))
+		}
+		s.agent = tok("agent", "--town", "load", "--rig", "r", "--agent", "a")
+		s.viewer = tok("viewer", "--town", "load")
+		s.cmd = exec.Command(bin, "serve", "--addr", addr, "--data", data, "--log-format", "json")
+		s.cmd.Env = append(os.Environ(), "GODEBUG=")
+	}
+	s.cmd.Stderr = io.Discard
+	if err := s.cmd.Start(); err != nil {
+		log.Fatal(err)
+	}
+	s.base = "http://" + addr
+	for i := 0; ; i++ {
+		if resp, err := http.Get(s.base + "/healthz"); err == nil {
+			resp.Body.Close()
+			break
+		}
+		if i == 200 {
+			log.Fatalf("%s did not come up", kind)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return s
+}
+
+func (s *server) stop() {
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { s.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		s.cmd.Process.Kill()
+		<-done
+	}
+	os.RemoveAll(s.dir)
+}
+
+// cpu is the server process's user+system CPU seconds so far.
+func (s *server) cpu() float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", s.cmd.Process.Pid))
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+2:]))
+	ut, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return (ut + st) / 100 // clock ticks; 100 per second on Linux
+}
+
+// rss is the server's resident memory in bytes.
+func (s *server) rss() float64 {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", s.cmd.Process.Pid))
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			kb, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+			return kb * 1024
+		}
+	}
+	return 0
+}
+
+// publish posts one event carrying its send time.
+func (s *server) publish(c *http.Client, seq int) error {
+	now := time.Now().UnixNano()
+	var req *http.Request
+	if s.naive {
+		req, _ = http.NewRequest("POST", s.base+"/publish", strings.NewReader(fmt.Sprintf(`{"seq":%d,"t":%d}`, seq, now)))
+	} else {
+		body := fmt.Sprintf(`{"type":"load.tick","data":{"seq":%d,"t":%d}}`, seq, now)
+		req, _ = http.NewRequest("POST", s.base+"/api/rigs/r/agent-events", strings.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+s.agent)
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return err
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		return fmt.Errorf("publish: %s", resp.Status)
+	}
+	return nil
+}
+
+func (s *server) streamPath() string {
+	if s.naive {
+		return "/events?stream=a"
+	}
+	return "/api/towns/load/container/agents/a/stream"
+}
+
+type result struct {
+	delivered, lost, dup int
+	p50, p99             time.Duration
+	cpu                  float64
+}
+
+// subscriber counts what one client receives.
+type subscriber struct {
+	seen map[int]int
+	lat  []time.Duration
+}
+
+// got records one event. It picks seq and t out of the bytes rather than
+// decoding JSON: the load generator shares the machine with the server and
+// must spend as little CPU per delivery as it can.
+func (sub *subscriber) got(data []byte) {
+	seq, ok1 := intAfter(data, `"seq":`)
+	t, ok2 := intAfter(data, `"t":`)
+	if !ok1 || !ok2 {
+		return
+	}
+	sub.seen[int(seq)]++
+	if sub.seen[int(seq)] == 1 {
+		sub.lat = append(sub.lat, time.Duration(time.Now().UnixNano()-t))
+	}
+}
+
+func intAfter(b []byte, key string) (int64, bool) {
+	i := bytes.Index(b, []byte(key))
+	if i < 0 {
+		return 0, false
+	}
+	b = b[i+len(key):]
+	n, j := int64(0), 0
+	for ; j < len(b) && '0' <= b[j] && b[j] <= '9'; j++ {
+		n = n*10 + int64(b[j]-'0')
+	}
+	return n, j > 0
+}
+
+func run(s *server, transport string, n, rate int, d time.Duration) result {
+	subs := make([]*subscriber, n)
+	conns := make([]net.Conn, n)
+	var ready sync.WaitGroup
+	var wg sync.WaitGroup
+	for i := range subs {
+		subs[i] = &subscriber{seen: map[int]int{}}
+		ready.Add(1)
+		wg.Go(func() {
+			conn, r, err := dial(s, transport)
+			if err != nil {
+				log.Printf("subscriber %d: %v", i, err)
+				ready.Done()
+				return
+			}
+			conns[i] = conn
+			ready.Done()
+			read(transport, r, subs[i])
+		})
+	}
+	ready.Wait()
+	time.Sleep(500 * time.Millisecond) // let every stream reach the live path
+	total := int(d.Seconds() * float64(rate))
+	pub := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 8}}
+	cpu0 := s.cpu()
+	tick := time.NewTicker(time.Second / time.Duration(rate))
+	var posted atomic.Int64
+	var pubs sync.WaitGroup
+	for seq := range total {
+		<-tick.C
+		pubs.Go(func() {
+			if err := s.publish(pub, seq); err != nil {
+				log.Printf("publish %d: %v", seq, err)
+				return
+			}
+			posted.Add(1)
+		})
+	}
+	tick.Stop()
+	pubs.Wait()
+	// Wait for deliveries to finish: until nothing new arrives for 2 s.
+	var last int
+	for quiet := 0; quiet < 4; {
+		time.Sleep(500 * time.Millisecond)
+		cur := 0
+		for _, sub := range subs {
+			cur += len(sub.lat)
+		}
+		if cur == last {
+			quiet++
+		} else {
+			quiet = 0
+		}
+		last = cur
+	}
+	cpu := s.cpu() - cpu0
+	for _, c := range conns {
+		if c != nil {
+			c.Close()
+		}
+	}
+	wg.Wait()
+	var r result
+	var lat []time.Duration
+	for _, sub := range subs {
+		for seq := range total {
+			switch c := sub.seen[seq]; {
+			case c == 0:
+				r.lost++
+			case c > 1:
+				r.dup += c - 1
+			}
+		}
+		r.delivered += len(sub.lat)
+		lat = append(lat, sub.lat...)
+	}
+	slices.Sort(lat)
+	if len(lat) > 0 {
+		r.p50, r.p99 = lat[len(lat)/2], lat[len(lat)*99/100]
+	}
+	r.cpu = cpu
+	return r
+}
+
+// dial opens one stream and returns the connection and a reader positioned
+// at the stream's body.
+func dial(s *server, transport string) (net.Conn, io.Reader, error) {
+	addr := strings.TrimPrefix(s.base, "http://")
+	if transport == "ws" {
+		d := ws.Dialer{Header: ws.HandshakeHeaderHTTP(http.Header{"Authorization": {"Bearer " + s.viewer}})}
+		conn, br, _, err := d.Dial(context.Background(), "ws://"+addr+s.streamPath())
+		if err != nil {
+			return nil, nil, err
+		}
+		if br != nil {
+			return conn, io.MultiReader(br, conn), nil
+		}
+		return conn, conn, nil
+	}
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		return nil, nil, err
+	}
+	auth := ""
+	if s.viewer != "" {
+		auth = "Authorization: Bearer " + s.viewer + "\r\n"
+	}
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n%s\r\n", s.streamPath(), addr, auth)
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		conn.Close()
+		return nil, nil, err
+	}
+	if resp.StatusCode != 200 {
+		conn.Close()
+		return nil, nil, fmt.Errorf("stream: %s", resp.Status)
+	}
+	return conn, resp.Body, nil
+}
+
+func read(transport string, r io.Reader, sub *subscriber) {
+	if transport == "ws" {
+		for {
+			f, err := ws.ReadFrame(r)
+			if err != nil || f.Header.OpCode == ws.OpClose {
+				return
+			}
+			if f.Header.OpCode == ws.OpText {
+				sub.got(f.Payload)
+			}
+		}
+	}
+	sc := bufio.NewScanner(r)
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		if d, ok := bytes.CutPrefix(sc.Bytes(), []byte("data: ")); ok {
+			sub.got(d)
+		}
+	}
+}
+
+// idleMemory opens n idle streams and returns the server's RSS growth per
+// connection.
+func idleMemory(s *server, transport string, n int) float64 {
+	time.Sleep(time.Second)
+	before := s.rss()
+	conns := make([]net.Conn, 0, n)
+	for range n {
+		c, _, err := dial(s, transport)
+		if err != nil {
+			log.Printf("idle dial: %v", err)
+			break
+		}
+		conns = append(conns, c)
+	}
+	time.Sleep(2 * time.Second) // let the server settle (GC, stacks)
+	after := s.rss()
+	for _, c := range conns {
+		c.Close()
+	}
+	return (after - before) / float64(len(conns))
+}
+
+// serveNaive is the comparison: r3labs/sse's server, one stream, events
+// published from POST /publish. It keeps nothing and checks nothing.
+func serveNaive(addr string) {
+	srv := sse.New()
+	srv.AutoReplay = false
+	srv.CreateStream("a")
+	mux := http.NewServeMux()
+	mux.HandleFunc("/events", srv.ServeHTTP)
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {})
+	mux.HandleFunc("POST /publish", func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		srv.Publish("a", &sse.Event{Data: b})
+		w.WriteHeader(http.StatusNoContent)
+	})
+	log.Fatal(http.ListenAndServe(addr, mux))
+}
+
+func raiseFDLimit() {
+	var l syscall.Rlimit
+	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &l) == nil && l.Cur < l.Max {
+		l.Cur = l.Max
+		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &l)
+	}
+}
