@@ -239,11 +239,7 @@ func cmdToken(args []string, stdout, stderr io.Writer) error {
 	if *ttl <= 0 {
 		return usageError{"--ttl must be positive"}
 	}
-	secret, err := server.LoadSecret(os.Getenv("AGENTSTREAM_SECRET"), *data)
-	if err != nil {
-		return err
-	}
-	auth, err := server.NewAuth(secret)
+	auth, err := loadAuth(*data)
 	if err != nil {
 		return err
 	}
@@ -258,6 +254,16 @@ func cmdToken(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintln(stdout, tok)
 	return nil
+}
+
+// loadAuth is the server's token authority from AGENTSTREAM_SECRET or the
+// secret in data (generated there on first use).
+func loadAuth(data string) (*server.Auth, error) {
+	secret, err := server.LoadSecret(os.Getenv("AGENTSTREAM_SECRET"), data)
+	if err != nil {
+		return nil, err
+	}
+	return server.NewAuth(secret)
 }
 
 func cmdTail(args []string, stdout, stderr io.Writer) error {
@@ -279,13 +285,9 @@ func cmdTail(args []string, stdout, stderr io.Writer) error {
 		return usageError{"--after must be >= 0"}
 	}
 	if *token == "" {
-		secret, err := server.LoadSecret(os.Getenv("AGENTSTREAM_SECRET"), *data)
+		auth, err := loadAuth(*data)
 		if err != nil {
 			return fmt.Errorf("no --token, and no secret to mint one: %w", err)
-		}
-		auth, err := server.NewAuth(secret)
-		if err != nil {
-			return err
 		}
 		if *token, err = auth.MintViewer(*town, time.Hour); err != nil {
 			return err

@@ -76,18 +76,9 @@ func parseCursor(v, name string) (int64, *apiError) {
 
 // handleAgents is GET /api/towns/{townId}/agents.
 func (s *Server) handleAgents(w http.ResponseWriter, r *http.Request) {
-	c, aerr := s.auth.authenticate(r)
-	if aerr != nil {
-		writeError(w, aerr)
-		return
-	}
 	town := r.PathValue("townId")
-	if c.Scope != ScopeViewer {
-		writeError(w, errorf(http.StatusForbidden, "wrong_scope", "Listing agents needs a viewer token."))
-		return
-	}
-	if c.Town != town {
-		writeError(w, errorf(http.StatusForbidden, "wrong_town", fmt.Sprintf("This token is for town %q, not %q.", c.Town, town)))
+	if aerr := s.viewerOf(r, town); aerr != nil {
+		writeError(w, aerr)
 		return
 	}
 	agents, err := s.store.Agents(r.Context(), town)

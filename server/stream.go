@@ -50,7 +50,7 @@ func (s *Server) viewerOf(r *http.Request, town string) *apiError {
 		return aerr
 	}
 	if c.Scope != ScopeViewer {
-		return errorf(http.StatusForbidden, "wrong_scope", "Watching agents needs a viewer token.")
+		return errorf(http.StatusForbidden, "wrong_scope", "This needs a viewer token of the town.")
 	}
 	if c.Town != town {
 		return errorf(http.StatusForbidden, "wrong_town", fmt.Sprintf("This token is for town %q, not %q.", c.Town, town))
@@ -184,6 +184,7 @@ func (s *Server) serveStream(ctx context.Context, st transport.Stream, key model
 	bytesOut := s.metrics.bytesWritten.WithLabelValues(st.Kind())
 	keepalive := time.NewTimer(s.streamOpts.Keepalive)
 	defer keepalive.Stop()
+	lastWrite := time.Now()
 	var items []*poll.Item
 	var frames [][]byte
 	for {
@@ -192,10 +193,18 @@ func (s *Server) serveStream(ctx context.Context, st transport.Stream, key model
 		switch {
 		case err == nil:
 		case errors.Is(err, poll.ErrIdle):
+			// The timer runs from the last keepalive, not the last write
+			// (resetting it after every write costs a timer update per
+			// batch); it only sends when the stream was really quiet.
+			if quiet := time.Since(lastWrite); quiet < s.streamOpts.Keepalive {
+				keepalive.Reset(s.streamOpts.Keepalive - quiet)
+				continue
+			}
 			if err := st.Keepalive(); err != nil {
 				reason = "write failed"
 				return
 			}
+			lastWrite = time.Now()
 			keepalive.Reset(s.streamOpts.Keepalive)
 			continue
 		case errors.As(err, &gap):
@@ -211,7 +220,7 @@ func (s *Server) serveStream(ctx context.Context, st transport.Stream, key model
 			st.Close(transport.ReasonShutdown)
 			return
 		case ctx.Err() != nil:
-			st.Close(transport.ReasonEnded)
+			st.Close(transport.ReasonGone)
 			return
 		default:
 			reason = "server error"
@@ -248,13 +257,7 @@ func (s *Server) serveStream(ctx context.Context, st transport.Stream, key model
 			st.Close(transport.ReasonEnded)
 			return
 		}
-		if !keepalive.Stop() {
-			select {
-			case <-keepalive.C:
-			default:
-			}
-		}
-		keepalive.Reset(s.streamOpts.Keepalive)
+		lastWrite = time.Now()
 	}
 }
 

@@ -367,3 +367,34 @@ func TestDrainEndsStreams(t *testing.T) {
 		t.Fatalf("new stream while draining: %d %s", status, code)
 	}
 }
+
+// TestKeepalive: a quiet stream gets keepalives — an SSE comment, a
+// WebSocket ping — so proxies and clients see it alive.
+func TestKeepalive(t *testing.T) {
+	e := newEnvWith(t, Options{Keepalive: 50 * time.Millisecond}, model.Options{})
+	conn, err := net.Dial("tcp", strings.TrimPrefix(e.base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(conn, "GET /api/towns/t1/container/agents/a1/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n", e.viewer)
+	sc := bufio.NewScanner(conn)
+	for found := false; !found; {
+		if !sc.Scan() {
+			t.Fatalf("SSE stream ended without a keepalive: %v", sc.Err())
+		}
+		found = strings.HasSuffix(sc.Text(), ": keepalive")
+	}
+	wsConn, r := e.rawWS()
+	defer wsConn.Close()
+	for {
+		f, err := ws.ReadFrame(r)
+		if err != nil {
+			t.Fatalf("WebSocket ended without a ping: %v", err)
+		}
+		if f.Header.OpCode == ws.OpPing {
+			break
+		}
+	}
+}

@@ -2,7 +2,6 @@ package transport
 
 import (
 	"net/http"
-	"time"
 )
 
 // SSE is a text/event-stream response (HTTP/1.1 or HTTP/2).
@@ -12,6 +11,7 @@ type SSE struct {
 	proto string
 	ndj   bool // NDJSON: same mechanics, another framing
 	opts  Options
+	dl    writeDeadline
 }
 
 // NewSSE starts an event stream on w: headers, then `retry: 2000`, flushed
@@ -21,7 +21,7 @@ func NewSSE(w http.ResponseWriter, r *http.Request, opts Options) (*SSE, error) 
 	h.Set("Content-Type", "text/event-stream")
 	h.Set("Cache-Control", "no-cache")
 	h.Set("X-Accel-Buffering", "no") // proxies like nginx must not buffer
-	s := &SSE{w: w, rc: http.NewResponseController(w), proto: r.Proto, opts: opts}
+	s := newSSE(w, r, opts)
 	w.WriteHeader(http.StatusOK)
 	return s, s.write([]byte("retry: 2000\n\n"))
 }
@@ -33,7 +33,8 @@ func NewNDJSON(w http.ResponseWriter, r *http.Request, opts Options) (*SSE, erro
 	h.Set("Content-Type", "application/x-ndjson")
 	h.Set("Cache-Control", "no-cache")
 	h.Set("X-Accel-Buffering", "no")
-	s := &SSE{w: w, rc: http.NewResponseController(w), proto: r.Proto, ndj: true, opts: opts}
+	s := newSSE(w, r, opts)
+	s.ndj = true
 	w.WriteHeader(http.StatusOK)
 	return s, s.rc.Flush()
 }
@@ -109,12 +110,15 @@ func (s *SSE) write(b []byte) error {
 }
 
 func (s *SSE) deadline() error {
-	if s.opts.WriteTimeout <= 0 {
-		return nil
-	}
-	err := s.rc.SetWriteDeadline(time.Now().Add(s.opts.WriteTimeout))
+	err := s.dl.refresh()
 	if err == http.ErrNotSupported {
 		return nil
 	}
 	return err
+}
+
+func newSSE(w http.ResponseWriter, r *http.Request, opts Options) *SSE {
+	rc := http.NewResponseController(w)
+	return &SSE{w: w, rc: rc, proto: r.Proto, opts: opts,
+		dl: writeDeadline{timeout: opts.WriteTimeout, set: rc.SetWriteDeadline}}
 }

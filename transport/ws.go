@@ -32,6 +32,7 @@ type WS struct {
 	mu       sync.Mutex // serializes writes: handler, reader (pong, close)
 	closed   bool       // a close frame was sent
 	bufs     net.Buffers
+	dl       writeDeadline // guarded by mu
 	endOnce  sync.Once
 	readDone chan struct{} // closed when readLoop has returned and the socket is closed
 }
@@ -52,7 +53,8 @@ func UpgradeWS(w http.ResponseWriter, r *http.Request, opts Options, gone func()
 		early, _ := rw.Reader.Peek(n)
 		conn = &prefixConn{Conn: conn, r: io.MultiReader(bytes.NewReader(bytes.Clone(early)), conn)}
 	}
-	s := &WS{conn: conn, opts: opts, gone: gone, readDone: make(chan struct{})}
+	s := &WS{conn: conn, opts: opts, gone: gone, readDone: make(chan struct{}),
+		dl: writeDeadline{timeout: opts.WriteTimeout, set: conn.SetWriteDeadline}}
 	go s.readLoop()
 	return s, nil
 }
@@ -113,6 +115,7 @@ func (s *WS) Close(reason Reason) error {
 		ReasonShutdown: ws.StatusGoingAway,
 		ReasonPolicy:   ws.StatusPolicyViolation,
 		ReasonError:    ws.StatusInternalServerError,
+		ReasonGone:     ws.StatusNormalClosure,
 	}[reason]
 	err := s.sendClose(code, reason.String())
 	s.conn.SetReadDeadline(time.Now().Add(closeLinger))
@@ -142,12 +145,7 @@ func (s *WS) writeFrame(f ws.Frame) error {
 	return ws.WriteFrame(s.conn, f)
 }
 
-func (s *WS) setDeadline() error {
-	if s.opts.WriteTimeout <= 0 {
-		return nil
-	}
-	return s.conn.SetWriteDeadline(time.Now().Add(s.opts.WriteTimeout))
-}
+func (s *WS) setDeadline() error { return s.dl.refresh() }
 
 // readLoop reads client frames: pings are answered, pongs and small data
 // frames only prove the client alive, a close is echoed. Frames that break
