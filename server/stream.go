@@ -160,14 +160,18 @@ func (s *Server) serveStream(ctx context.Context, st transport.Stream, key model
 	open := s.metrics.openStreams.WithLabelValues(st.Kind(), st.Proto())
 	open.Inc()
 	defer open.Dec()
-	log := s.log.With("town", key.Town, "agent", key.Agent, "transport", st.Kind(), "proto", st.Proto())
-	log.Info("stream connected", "cursor", cursor)
+	// No logger With(...) kept for the stream's life: on an idle stream
+	// that clone would be one of the larger things it holds.
+	attrs := func(more ...any) []any {
+		return append([]any{"town", key.Town, "agent", key.Agent, "transport", st.Kind(), "proto", st.Proto()}, more...)
+	}
+	s.log.Info("stream connected", attrs("cursor", cursor)...)
 
 	sent := 0
 	reason := "client gone"
 	defer func() {
 		s.metrics.drops.WithLabelValues(reason).Inc()
-		log.Info("stream disconnected", "cursor", cursor, "events", sent, "duration", time.Since(start).Round(time.Millisecond), "reason", reason)
+		s.log.Info("stream disconnected", attrs("cursor", cursor, "events", sent, "duration", time.Since(start).Round(time.Millisecond), "reason", reason)...)
 	}()
 
 	sub, err := s.sched.Subscribe(ctx, key, cursor)
@@ -224,7 +228,7 @@ func (s *Server) serveStream(ctx context.Context, st transport.Stream, key model
 			return
 		default:
 			reason = "server error"
-			log.Error("stream read", "err", err)
+			s.log.Error("stream read", attrs("err", err)...)
 			st.Close(transport.ReasonError)
 			return
 		}
