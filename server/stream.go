@@ -101,12 +101,20 @@ func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 	ended := last != nil && last.Type == model.TypeExited && cursor >= last.ID
 
 	if kind == "ws" {
-		s.upgradeStream(w, r, key, cursor, ended)
+		s.detachedStream(w, r, key, cursor, ended, func(gone func()) (transport.Stream, error) {
+			return transport.UpgradeWS(w, r, s.streamOpts, gone)
+		})
 		return
 	}
 	if ended {
 		// 204 is what stops a browser's EventSource from reconnecting.
 		w.WriteHeader(http.StatusNoContent)
+		return
+	}
+	if r.ProtoMajor == 1 {
+		s.detachedStream(w, r, key, cursor, false, func(gone func()) (transport.Stream, error) {
+			return transport.HijackSSE(w, r, s.streamOpts, kind == "ndjson", gone)
+		})
 		return
 	}
 	ctx, cancel := context.WithCancel(r.Context())
@@ -126,17 +134,20 @@ func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 	s.serveStream(ctx, st, key, cursor)
 }
 
-// upgradeStream serves a WebSocket stream. After the upgrade the handler
-// returns and the stream goes on in a goroutine of its own: net/http's
-// connection goroutine then ends, and with it its grown stack and its read
-// buffer, which it would otherwise keep for the stream's whole life.
-func (s *Server) upgradeStream(w http.ResponseWriter, r *http.Request, key model.AgentKey, cursor int64, ended bool) {
+// detachedStream serves a stream on a connection taken over from net/http
+// (a WebSocket, or SSE/NDJSON on HTTP/1.1). The handler returns after the
+// takeover and the stream goes on in a goroutine of its own: net/http's
+// connection goroutine then ends, and with it its grown stack and its
+// buffers, which it would otherwise keep for the stream's whole life.
+// open takes the function to call when the client has gone.
+func (s *Server) detachedStream(w http.ResponseWriter, r *http.Request, key model.AgentKey, cursor int64, ended bool,
+	open func(gone func()) (transport.Stream, error)) {
 	// Not r.Context(): it ends when this handler returns.
 	ctx, cancel := context.WithCancel(context.Background())
-	st, err := transport.UpgradeWS(w, r, s.streamOpts, cancel)
+	st, err := open(cancel)
 	if err != nil {
 		cancel()
-		s.log.Info("stream open failed", "agent", key.Agent, "transport", "ws", "err", err)
+		s.log.Info("stream open failed", "agent", key.Agent, "err", err)
 		return
 	}
 	if ended {

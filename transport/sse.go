@@ -70,8 +70,14 @@ func (s *SSE) WriteEvents(frames [][]byte) error {
 }
 
 func (s *SSE) WriteNotice(name string, payload []byte) error {
-	if s.ndj {
-		b := make([]byte, 0, len(payload)+len(name)+16)
+	return s.write(noticeBytes(s.ndj, name, payload))
+}
+
+// noticeBytes frames a notice: an SSE named event, or for NDJSON a line
+// {"notice":name, ...payload's fields}.
+func noticeBytes(ndjson bool, name string, payload []byte) []byte {
+	b := make([]byte, 0, len(payload)+len(name)+16)
+	if ndjson {
 		b = append(b, `{"notice":"`...)
 		b = append(b, name...)
 		b = append(b, '"')
@@ -79,14 +85,13 @@ func (s *SSE) WriteNotice(name string, payload []byte) error {
 			b = append(b, ',')
 			b = append(b, payload[1:len(payload)-1]...)
 		}
-		return s.write(append(b, "}\n"...))
+		return append(b, "}\n"...)
 	}
-	b := make([]byte, 0, len(payload)+len(name)+16)
 	b = append(b, "event: "...)
 	b = append(b, name...)
 	b = append(b, "\ndata: "...)
 	b = append(b, payload...)
-	return s.write(append(b, "\n\n"...))
+	return append(b, "\n\n"...)
 }
 
 func (s *SSE) Keepalive() error {

@@ -78,16 +78,8 @@ func (s *WS) WriteEvents(frames [][]byte) error {
 }
 
 func (s *WS) WriteNotice(name string, payload []byte) error {
-	b := make([]byte, 0, len(payload)+len(name)+16)
-	b = append(b, `{"notice":"`...)
-	b = append(b, name...)
-	b = append(b, '"')
-	if len(payload) > 2 {
-		b = append(b, ',')
-		b = append(b, payload[1:len(payload)-1]...)
-	}
-	b = append(b, '}')
-	return s.writeFrame(ws.NewTextFrame(b))
+	b := noticeBytes(true, name, payload)
+	return s.writeFrame(ws.NewTextFrame(b[:len(b)-1])) // the JSON line without its newline
 }
 
 // Keepalive sends a ping; the client's pong keeps the read deadline alive.

@@ -1,0 +1,130 @@
+package transport
+
+import (
+	"net"
+	"net/http"
+	"sync"
+	"time"
+)
+
+// Raw is an SSE or NDJSON stream on an HTTP/1.1 connection taken over from
+// net/http. The response is written by hand and its body runs until the
+// connection closes (Connection: close, no chunking), which every SSE and
+// line-reading client accepts. Like a WebSocket, the stream then lives on
+// its own goroutines and net/http's connection goroutine, with its stack
+// and its buffers, is gone: an idle stream costs half as much.
+//
+// HTTP/2 streams share their connection and stay with net/http (SSE).
+type Raw struct {
+	conn  net.Conn
+	ndj   bool
+	gone  func()
+	dl    writeDeadline
+	bufs  net.Buffers
+	once  sync.Once
+	rdone chan struct{}
+}
+
+// HijackSSE takes over r's connection and starts an SSE stream on it (an
+// NDJSON one when ndjson is set). gone is called once when the client has
+// closed the connection. It fails with http.ErrNotSupported on HTTP/2.
+func HijackSSE(w http.ResponseWriter, r *http.Request, opts Options, ndjson bool, gone func()) (*Raw, error) {
+	if r.ProtoMajor != 1 {
+		return nil, http.ErrNotSupported
+	}
+	conn, _, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		return nil, err
+	}
+	// The client has nothing more to send on this connection (a request
+	// pipelined behind this one is not served), so net/http's read
+	// buffer, and anything in it, is dropped with it.
+	s := &Raw{conn: conn, ndj: ndjson, gone: gone, rdone: make(chan struct{}),
+		dl: writeDeadline{timeout: opts.WriteTimeout, set: conn.SetWriteDeadline}}
+	ct := "text/event-stream"
+	first := "retry: 2000\n\n"
+	if ndjson {
+		ct, first = "application/x-ndjson", ""
+	}
+	head := "HTTP/1.1 200 OK\r\nContent-Type: " + ct + "\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n" +
+		"Connection: close\r\nDate: " + time.Now().UTC().Format(http.TimeFormat) + "\r\n\r\n" + first
+	if err := s.write([]byte(head)); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	go s.watch()
+	return s, nil
+}
+
+// watch waits for the client to close: it sends nothing on a stream, so any
+// read that returns — EOF, error, or stray bytes — ends it.
+func (s *Raw) watch() {
+	var b [1]byte
+	s.conn.Read(b[:])
+	s.end()
+}
+
+func (s *Raw) end() {
+	s.once.Do(func() {
+		s.conn.Close()
+		close(s.rdone)
+		if s.gone != nil {
+			s.gone()
+		}
+	})
+}
+
+func (s *Raw) Kind() string {
+	if s.ndj {
+		return "ndjson"
+	}
+	return "sse"
+}
+
+func (s *Raw) Proto() string { return "HTTP/1.1" }
+
+func (s *Raw) Format() Format {
+	if s.ndj {
+		return FormatNDJSON
+	}
+	return FormatSSE
+}
+
+// WriteEvents writes every frame with one writev.
+func (s *Raw) WriteEvents(frames [][]byte) error {
+	if err := s.dl.refresh(); err != nil {
+		return err
+	}
+	s.bufs = append(s.bufs[:0], frames...)
+	b := s.bufs
+	_, err := b.WriteTo(s.conn)
+	clear(s.bufs)
+	return err
+}
+
+func (s *Raw) WriteNotice(name string, payload []byte) error {
+	return s.write(noticeBytes(s.ndj, name, payload))
+}
+
+func (s *Raw) Keepalive() error {
+	if s.ndj {
+		return s.write([]byte("\n"))
+	}
+	return s.write([]byte(": keepalive\n\n"))
+}
+
+// Close ends the response: the connection closes, which is the end of a
+// close-delimited body.
+func (s *Raw) Close(Reason) error {
+	s.end()
+	<-s.rdone
+	return nil
+}
+
+func (s *Raw) write(b []byte) error {
+	if err := s.dl.refresh(); err != nil {
+		return err
+	}
+	_, err := s.conn.Write(b)
+	return err
+}
