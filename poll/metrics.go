@@ -2,6 +2,7 @@ package poll
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+	// client_golang's own data model, to read a counter back (tests, Polls).
 	dto "github.com/prometheus/client_model/go"
 )
 

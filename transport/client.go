@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/r3labs/sse/v2"
+	// r3labs/sse's own backoff package: its client takes this BackOff for
+	// ReconnectStrategy and stops retrying on this PermanentError.
 	"gopkg.in/cenkalti/backoff.v1"
 )
 
