@@ -21,13 +21,12 @@ type feed struct {
 	done  chan struct{} // closed when run returns
 
 	nsubs   int         // guarded by s.mu
-	stopped atomic.Bool // set by shutdown before it kicks the live subscribers
+	stopped atomic.Bool // set by shutdown, under mu, before it kicks the live subscribers
 
-	mu       sync.Mutex
-	cursor   int64 // highest id fanned out; everything <= cursor is in the Source
-	ring     ring  // the newest items fanned out
-	live     []*Subscription
-	stopping bool
+	mu     sync.Mutex
+	cursor int64 // highest id fanned out; everything <= cursor is in the Source
+	ring   ring  // the newest items fanned out
+	live   []*Subscription
 }
 
 func newFeed(s *Scheduler, k model.AgentKey) *feed {
@@ -55,7 +54,6 @@ func (f *feed) poke() {
 // attached (only after Scheduler.Close) are woken to see ErrClosed.
 func (f *feed) shutdown() {
 	f.mu.Lock()
-	f.stopping = true
 	f.stopped.Store(true)
 	for _, sub := range f.live {
 		sub.wakeUp()

@@ -147,7 +147,7 @@ func (s *Subscription) catchUp(ctx context.Context, buf []*Item, max int) (_ []*
 		return buf, false, ctx.Err()
 	}
 	f.mu.Lock()
-	if f.stopping || s.closed.Load() {
+	if f.stopped.Load() || s.closed.Load() {
 		f.mu.Unlock()
 		return buf, false, ErrClosed
 	}

@@ -41,12 +41,11 @@ func HijackSSE(w http.ResponseWriter, r *http.Request, opts Options, ndjson bool
 	// buffer, and anything in it, is dropped with it.
 	s := &Raw{conn: conn, ndj: ndjson, gone: gone, rdone: make(chan struct{}),
 		dl: writeDeadline{timeout: opts.WriteTimeout, set: conn.SetWriteDeadline}}
-	ct := "text/event-stream"
 	first := "retry: 2000\n\n"
 	if ndjson {
-		ct, first = "application/x-ndjson", ""
+		first = ""
 	}
-	head := "HTTP/1.1 200 OK\r\nContent-Type: " + ct + "\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n" +
+	head := "HTTP/1.1 200 OK\r\nContent-Type: " + contentType(ndjson) + "\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n" +
 		"Connection: close\r\nDate: " + time.Now().UTC().Format(http.TimeFormat) + "\r\n\r\n" + first
 	if err := s.write([]byte(head)); err != nil {
 		conn.Close()

@@ -4,39 +4,46 @@ import (
 	"net/http"
 )
 
-// SSE is a text/event-stream response (HTTP/1.1 or HTTP/2).
+// SSE is a text/event-stream (or NDJSON) response that stays in net/http:
+// the transport for HTTP/2, where streams share a connection.
 type SSE struct {
 	w     http.ResponseWriter
 	rc    *http.ResponseController
 	proto string
 	ndj   bool // NDJSON: same mechanics, another framing
-	opts  Options
 	dl    writeDeadline
 }
 
 // NewSSE starts an event stream on w: headers, then `retry: 2000`, flushed
 // so the client knows at once that it is connected.
 func NewSSE(w http.ResponseWriter, r *http.Request, opts Options) (*SSE, error) {
-	h := w.Header()
-	h.Set("Content-Type", "text/event-stream")
-	h.Set("Cache-Control", "no-cache")
-	h.Set("X-Accel-Buffering", "no") // proxies like nginx must not buffer
-	s := newSSE(w, r, opts)
-	w.WriteHeader(http.StatusOK)
+	s := startResponse(w, r, opts, false)
 	return s, s.write([]byte("retry: 2000\n\n"))
 }
 
 // NewNDJSON starts a newline-delimited JSON stream on w: one event object
 // per line, for `curl -N ... | jq`.
 func NewNDJSON(w http.ResponseWriter, r *http.Request, opts Options) (*SSE, error) {
-	h := w.Header()
-	h.Set("Content-Type", "application/x-ndjson")
-	h.Set("Cache-Control", "no-cache")
-	h.Set("X-Accel-Buffering", "no")
-	s := newSSE(w, r, opts)
-	s.ndj = true
-	w.WriteHeader(http.StatusOK)
+	s := startResponse(w, r, opts, true)
 	return s, s.rc.Flush()
+}
+
+func startResponse(w http.ResponseWriter, r *http.Request, opts Options, ndjson bool) *SSE {
+	h := w.Header()
+	h.Set("Content-Type", contentType(ndjson))
+	h.Set("Cache-Control", "no-cache")
+	h.Set("X-Accel-Buffering", "no") // proxies like nginx must not buffer
+	rc := http.NewResponseController(w)
+	w.WriteHeader(http.StatusOK)
+	return &SSE{w: w, rc: rc, proto: r.Proto, ndj: ndjson,
+		dl: writeDeadline{timeout: opts.WriteTimeout, set: rc.SetWriteDeadline}}
+}
+
+func contentType(ndjson bool) string {
+	if ndjson {
+		return "application/x-ndjson"
+	}
+	return "text/event-stream"
 }
 
 func (s *SSE) Kind() string {
@@ -120,10 +127,4 @@ func (s *SSE) deadline() error {
 		return nil
 	}
 	return err
-}
-
-func newSSE(w http.ResponseWriter, r *http.Request, opts Options) *SSE {
-	rc := http.NewResponseController(w)
-	return &SSE{w: w, rc: rc, proto: r.Proto, opts: opts,
-		dl: writeDeadline{timeout: opts.WriteTimeout, set: rc.SetWriteDeadline}}
 }
