@@ -145,6 +145,13 @@ func (f *feed) publish(evs []model.Event) {
 			}
 		}
 	}
+	// Once per batch, not per event: a reader woken by the first event
+	// would find only that one.
+	for _, sub := range f.live {
+		if sub.ready != nil {
+			sub.ready()
+		}
+	}
 	f.mu.Unlock()
 	for i := range evs {
 		f.s.Metrics.lag.Observe(now.Sub(evs[i].CreatedAt).Seconds())

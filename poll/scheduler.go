@@ -109,6 +109,15 @@ func (s *Scheduler) Notify(events []model.Event) {
 // Subscribe returns a subscription to every event of k with id > afterID.
 // It ends when ctx does or when Close is called.
 func (s *Scheduler) Subscribe(ctx context.Context, k model.AgentKey, afterID int64) (*Subscription, error) {
+	return s.SubscribeFunc(ctx, k, afterID, nil)
+}
+
+// SubscribeFunc is Subscribe for a reader that waits on no goroutine of its
+// own: ready is called each time the subscription has something new for
+// TryNext (see there). It is called from the feed, the context or Close, at
+// any time and possibly under the feed's lock: it must return at once and
+// must not call back into the subscription.
+func (s *Scheduler) SubscribeFunc(ctx context.Context, k model.AgentKey, afterID int64, ready func()) (*Subscription, error) {
 	k = feedKey(k)
 	s.mu.Lock()
 	if s.closed {
@@ -131,6 +140,7 @@ func (s *Scheduler) Subscribe(ctx context.Context, k model.AgentKey, afterID int
 		cursor:   afterID,
 		q:        make(chan *Item, s.opts.QueueLen),
 		kick:     make(chan struct{}, 1),
+		ready:    ready,
 		catching: true,
 	}
 	sub.stopCtx = context.AfterFunc(ctx, sub.close)

@@ -47,66 +47,87 @@ func (m *memSource) Latest(context.Context, model.AgentKey) (int64, error) {
 
 func (m *memSource) PrunedThrough(context.Context, model.AgentKey) (int64, error) { return 0, nil }
 
-// BenchmarkFanOut: one op is one event delivered to every subscriber (each
-// a goroutine looping on Next). Reported per delivered event: ns and heap
-// allocations, the event's own shared Item included.
+// BenchmarkFanOut: one op is one event delivered to every subscriber.
+// Reported per delivered event: ns and heap allocations, the event's own
+// shared Item included. Subscribers read in one of two ways:
+//   - next: a goroutine each, looping on Next (parked between events);
+//   - ready: SubscribeFunc, a goroutine started per wake-up to drain
+//     TryNext, none between events — how the server's streams read.
 func BenchmarkFanOut(b *testing.B) {
-	for _, n := range []int{1, 100, 10_000} {
-		b.Run(fmt.Sprintf("subs=%d", n), func(b *testing.B) {
-			src := &memSource{}
-			s := New(src, Options{QueueLen: 1024, RingLen: 4096})
-			defer s.Close()
-			var delivered atomic.Int64
-			var wg sync.WaitGroup
-			// Each subscriber has a context of its own, as each stream's
-			// request does; Close ends them.
-			ctx := context.Background()
-			subs := make([]*Subscription, n)
-			for i := range subs {
-				sub, err := s.Subscribe(ctx, model.AgentKey{Town: "t", Agent: "a"}, 0)
-				if err != nil {
-					b.Fatal(err)
+	for _, mode := range []string{"next", "ready"} {
+		for _, n := range []int{1, 100, 10_000} {
+			b.Run(fmt.Sprintf("%s/subs=%d", mode, n), func(b *testing.B) { benchFanOut(b, mode, n) })
+		}
+	}
+}
+
+func benchFanOut(b *testing.B, mode string, n int) {
+	src := &memSource{}
+	s := New(src, Options{QueueLen: 1024, RingLen: 4096})
+	defer s.Close()
+	var delivered atomic.Int64
+	var wg sync.WaitGroup
+	// Each subscriber has a context of its own, as each stream's
+	// request does; Close ends them.
+	ctx := context.Background()
+	subs := make([]*Subscription, n)
+	for i := range subs {
+		if mode == "ready" {
+			r := &readyReader{
+				onItems: func(items []*Item) bool { delivered.Add(int64(len(items))); return false },
+				onEnd:   func(error) { wg.Done() },
+			}
+			sub, err := s.SubscribeFunc(ctx, model.AgentKey{Town: "t", Agent: "a"}, 0, r.ready)
+			if err != nil {
+				b.Fatal(err)
+			}
+			r.sub, subs[i] = sub, sub
+			wg.Add(1) // done when the reader sees the end
+			r.ready()
+			continue
+		}
+		sub, err := s.Subscribe(ctx, model.AgentKey{Town: "t", Agent: "a"}, 0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		subs[i] = sub
+		wg.Go(func() {
+			buf := make([]*Item, 0, 256)
+			for {
+				var err error
+				if buf, err = sub.Next(ctx, buf, 256); err != nil {
+					return
 				}
-				subs[i] = sub
-				wg.Go(func() {
-					buf := make([]*Item, 0, 256)
-					for {
-						var err error
-						if buf, err = sub.Next(ctx, buf, 256); err != nil {
-							return
-						}
-						delivered.Add(int64(len(buf)))
-					}
-				})
+				delivered.Add(int64(len(buf)))
 			}
-			var ms0, ms1 runtime.MemStats
-			runtime.GC()
-			runtime.ReadMemStats(&ms0)
-			b.ResetTimer()
-			const batch = 16
-			for i := 0; i < b.N; i += batch {
-				s.Notify(src.add(min(batch, b.N-i)))
-				// Let the slowest subscriber stay within its queue.
-				for delivered.Load() < int64(i)*int64(n)-int64(n*512) {
-					runtime.Gosched()
-				}
-			}
-			want := int64(b.N) * int64(n)
-			for delivered.Load() < want {
-				runtime.Gosched()
-			}
-			b.StopTimer()
-			runtime.ReadMemStats(&ms1)
-			for _, sub := range subs {
-				sub.Close()
-			}
-			wg.Wait()
-			d := float64(want)
-			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/d, "ns/delivery")
-			b.ReportMetric(float64(ms1.Mallocs-ms0.Mallocs)/d, "allocs/delivery")
-			b.ReportMetric(float64(ms1.Mallocs-ms0.Mallocs)/float64(b.N), "allocs/event")
 		})
 	}
+	var ms0, ms1 runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&ms0)
+	b.ResetTimer()
+	const batch = 16
+	for i := 0; i < b.N; i += batch {
+		s.Notify(src.add(min(batch, b.N-i)))
+		// Let the slowest subscriber stay within its queue.
+		for delivered.Load() < int64(i)*int64(n)-int64(n*512) {
+			runtime.Gosched()
+		}
+	}
+	want := int64(b.N) * int64(n)
+	for delivered.Load() < want {
+		runtime.Gosched()
+	}
+	b.StopTimer()
+	runtime.ReadMemStats(&ms1)
+	for _, sub := range subs {
+		sub.Close()
+	}
+	wg.Wait()
+	d := float64(want)
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/d, "ns/delivery")
+	b.ReportMetric(float64(ms1.Mallocs-ms0.Mallocs)/d, "allocs/delivery")
+	b.ReportMetric(float64(ms1.Mallocs-ms0.Mallocs)/float64(b.N), "allocs/event")
 }
 
 // BenchmarkAppendToSubscriber: time from Store.Append returning to a

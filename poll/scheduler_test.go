@@ -505,3 +505,141 @@ func TestGapWhenPrunedBeforeRead(t *testing.T) {
 		}
 	}
 }
+
+// readyReader reads a subscription only when its ready function fires, on a
+// goroutine started for the occasion, as a stream server without a
+// goroutine per idle client does. It hands what it reads to onItems until
+// that reports done, or the subscription ends; then it calls onEnd once.
+type readyReader struct {
+	sub     *Subscription
+	pending atomic.Int32
+	buf     []*Item
+	onItems func([]*Item) (done bool)
+	onEnd   func(error)
+}
+
+func (r *readyReader) ready() {
+	if r.pending.Add(1) == 1 {
+		go r.drain()
+	}
+}
+
+func (r *readyReader) drain() {
+	for {
+		n := r.pending.Load()
+		for {
+			var err error
+			r.buf, err = r.sub.TryNext(context.Background(), r.buf, 256)
+			if err != nil || (len(r.buf) > 0 && r.onItems(r.buf)) {
+				r.onEnd(err)
+				return // pending stays above zero: no drain starts again
+			}
+			if len(r.buf) == 0 {
+				break
+			}
+		}
+		if r.pending.CompareAndSwap(n, 0) {
+			return
+		}
+	}
+}
+
+// orderedReader is a readyReader that collects ids, checking their order,
+// until an event of type "end"; done closes when it stops.
+type orderedReader struct {
+	readyReader
+	mu   sync.Mutex // guards ids and err
+	ids  []int64
+	err  error
+	done chan struct{}
+}
+
+func newOrderedReader() *orderedReader {
+	r := &orderedReader{done: make(chan struct{})}
+	r.onItems = func(items []*Item) bool {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		for _, it := range items {
+			if len(r.ids) > 0 && it.ID <= r.ids[len(r.ids)-1] {
+				r.err = fmt.Errorf("id %d after %d", it.ID, r.ids[len(r.ids)-1])
+				return true
+			}
+			r.ids = append(r.ids, it.ID)
+			if it.Type == "end" {
+				return true
+			}
+		}
+		return false
+	}
+	r.onEnd = func(err error) {
+		r.mu.Lock()
+		if err != nil {
+			r.err = err
+		}
+		r.mu.Unlock()
+		close(r.done)
+	}
+	return r
+}
+
+// TestReadyDrivenSubscribers: subscribers that hold no goroutine between
+// wake-ups — reading with TryNext only when ready fires — still receive
+// every event exactly once and in order, through demotions (a queue of 4)
+// and concurrent writers; and Close wakes one that waits.
+func TestReadyDrivenSubscribers(t *testing.T) {
+	e := newEnv(t, model.Options{Retain: -1}, Options{QueueLen: 4, RingLen: 64})
+	const subs, writers, perWriter = 200, 4, 250
+	readers := make([]*orderedReader, subs)
+	for i := range readers {
+		r := newOrderedReader()
+		sub, err := e.sched.SubscribeFunc(context.Background(), key("a"), 0, r.ready)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.sub = sub
+		readers[i] = r
+		r.ready() // the first read: the subscription starts by catching up
+	}
+	var wg sync.WaitGroup
+	for range writers {
+		wg.Go(func() {
+			for range perWriter / 10 {
+				e.append(t, "a", "msg", 10)
+			}
+		})
+	}
+	wg.Wait()
+	e.append(t, "a", "end", 1)
+	want := e.allIDs(t, "a")
+	for i, r := range readers {
+		select {
+		case <-r.done:
+		case <-time.After(30 * time.Second):
+			t.Fatalf("reader %d stalled", i)
+		}
+		r.mu.Lock()
+		if r.err != nil || !slices.Equal(r.ids, want) {
+			t.Fatalf("reader %d: err %v, got %d ids, want %d", i, r.err, len(r.ids), len(want))
+		}
+		r.mu.Unlock()
+		r.sub.Close()
+	}
+
+	// A reader waiting on an idle agent learns of Close through ready.
+	r := newOrderedReader()
+	sub, err := e.sched.SubscribeFunc(context.Background(), key("b"), 0, r.ready)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.sub = sub
+	r.ready()
+	sub.Close()
+	select {
+	case <-r.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not wake the reader")
+	}
+	if r.err != ErrClosed {
+		t.Fatalf("after Close: %v, want ErrClosed", r.err)
+	}
+}

@@ -2,11 +2,9 @@ package poll
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
-	"time"
 )
 
 // GapError is returned by Next when events after the subscriber's cursor
@@ -22,11 +20,13 @@ func (e *GapError) Error() string {
 }
 
 // Subscription delivers one agent's events after a cursor, in id order,
-// exactly once. Next is for one goroutine; Close may be called from any.
+// exactly once. Next and TryNext are for one goroutine at a time; Close may
+// be called from any.
 type Subscription struct {
 	f       *feed
 	q       chan *Item    // live items; only the feed sends, under f.mu
 	kick    chan struct{} // capacity 1: demoted or closed while waiting
+	ready   func()        // from SubscribeFunc: called when TryNext has something new
 	lagging atomic.Bool   // set by the feed when it took us off the live path
 	closed  atomic.Bool
 	once    sync.Once
@@ -42,6 +42,9 @@ func (s *Subscription) wakeUp() {
 	case s.kick <- struct{}{}:
 	default:
 	}
+	if s.ready != nil {
+		s.ready()
+	}
 }
 
 // Cursor is the id of the last event Next returned (or the starting cursor).
@@ -52,21 +55,46 @@ func (s *Subscription) Cursor() int64 { return s.cursor }
 // when ctx ends, ErrClosed after Close, a *GapError when events were pruned
 // before they could be read (call Next again to go on), or a Source error.
 func (s *Subscription) Next(ctx context.Context, buf []*Item, max int) ([]*Item, error) {
-	return s.NextOrIdle(ctx, nil, buf, max)
+	for {
+		buf, err := s.TryNext(ctx, buf, max)
+		if err != nil || len(buf) > 0 {
+			return buf, err
+		}
+		select {
+		case it := <-s.q:
+			if buf = s.drain(s.take(buf, it), max); len(buf) > 0 {
+				return buf, nil
+			}
+		case <-s.kick:
+			// Demoted, closed, or the feed shut down (it kicks every live
+			// subscriber): TryNext sees which. The feed's own Done channel
+			// stays out of this select: thousands of subscribers blocking
+			// on one shared channel contend on its lock.
+		case <-ctx.Done():
+			return buf, ctx.Err()
+		}
+	}
 }
 
-// ErrIdle is returned by NextOrIdle when idle fires before any event.
-var ErrIdle = errors.New("poll: idle")
-
-// NextOrIdle is Next that also returns, with ErrIdle, when idle fires while
-// it waits on the live path: a stream handler's keepalive timer. (A timer
-// channel of the caller's own, rather than a context per call, keeps the
-// wait free of allocations.)
-func (s *Subscription) NextOrIdle(ctx context.Context, idle <-chan time.Time, buf []*Item, max int) ([]*Item, error) {
+// TryNext is Next without the wait: when nothing is ready on the live path
+// it returns buf[:0] and no error. It still reads the feed's ring or the
+// Source while the subscriber catches up, and may wait for that.
+//
+// A subscription made with SubscribeFunc calls its ready function whenever
+// TryNext would have something new to say: events, a demotion, the end. A
+// caller that drains TryNext until it returns nothing, and calls it again
+// on every ready, needs no goroutine of its own while the agent is quiet.
+func (s *Subscription) TryNext(ctx context.Context, buf []*Item, max int) ([]*Item, error) {
 	buf = buf[:0]
 	for {
 		if s.closed.Load() {
 			return buf, ErrClosed
+		}
+		if s.f.stopped.Load() {
+			return buf, ErrClosed
+		}
+		if err := ctx.Err(); err != nil {
+			return buf, err
 		}
 		if s.catching {
 			var live bool
@@ -83,32 +111,10 @@ func (s *Subscription) NextOrIdle(ctx context.Context, idle <-chan time.Time, bu
 		// Read the flag before draining: once demoted, nothing more enters
 		// the queue, so what the drain leaves behind is nothing.
 		lagging := s.lagging.Load()
-		if buf = s.drain(buf, max); len(buf) > 0 {
+		if buf = s.drain(buf, max); len(buf) > 0 || !lagging {
 			return buf, nil
 		}
-		if lagging {
-			s.catching = true
-			continue
-		}
-		select {
-		case it := <-s.q:
-			buf = s.take(buf, it)
-			if buf = s.drain(buf, max); len(buf) > 0 {
-				return buf, nil
-			}
-		case <-s.kick:
-			// Demoted, closed, or the feed shut down (it kicks every live
-			// subscriber). The feed's own Done channel stays out of this
-			// select: thousands of subscribers blocking on one shared
-			// channel contend on its lock.
-			if s.f.stopped.Load() {
-				return buf, ErrClosed
-			}
-		case <-idle:
-			return buf, ErrIdle
-		case <-ctx.Done():
-			return buf, ctx.Err()
-		}
+		s.catching = true
 	}
 }
 

@@ -14,6 +14,7 @@ import (
 
 	"github.com/agentstream/agentstream/model"
 	"github.com/agentstream/agentstream/poll"
+	"github.com/agentstream/agentstream/transport"
 )
 
 // Config is what `agentstream serve` runs with.
@@ -73,7 +74,14 @@ func Serve(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	api := New(store, sched, auth, Options{Log: log, WriteTimeout: cfg.WriteTimeout, Keepalive: cfg.Keepalive, Origins: cfg.Origins})
+	poller, err := transport.NewPoller()
+	if err != nil {
+		log.Info("no poller: each stream reads its client on a goroutine", "err", err)
+	} else {
+		defer poller.Close()
+	}
+	api := New(store, sched, auth, Options{Log: log, WriteTimeout: cfg.WriteTimeout, Keepalive: cfg.Keepalive,
+		Origins: cfg.Origins, Poller: poller})
 	srv := newHTTPServer(api, log)
 	addr := ln.Addr().String()
 	scheme := "http"

@@ -45,6 +45,9 @@ type Options struct {
 	WriteTimeout time.Duration // a client that accepts no bytes this long is dropped; default 10 s
 	Keepalive    time.Duration // SSE comment / WS ping interval; default 30 s
 	Origins      []string      // origins allowed to open WebSockets besides the server's own
+	// Poller hears idle streams' clients without a goroutine each; nil
+	// means a goroutine per stream waits in a read (see transport.Poller).
+	Poller *transport.Poller
 }
 
 // New returns a Server. It wires the store's commit hook to the scheduler,
@@ -62,7 +65,7 @@ func New(store *model.Store, sched *poll.Scheduler, auth *Auth, opts Options) *S
 	}
 	s := &Server{
 		store: store, sched: sched, auth: auth, log: opts.Log, metrics: newMetrics(),
-		streamOpts: transport.Options{WriteTimeout: opts.WriteTimeout, Keepalive: opts.Keepalive},
+		streamOpts: transport.Options{WriteTimeout: opts.WriteTimeout, Keepalive: opts.Keepalive, Poller: opts.Poller},
 		origins:    opts.Origins,
 		encoders:   encoders(),
 	}

@@ -19,6 +19,7 @@ import (
 
 	"github.com/agentstream/agentstream/model"
 	"github.com/agentstream/agentstream/poll"
+	"github.com/agentstream/agentstream/transport"
 )
 
 // testEnv is a real server on 127.0.0.1 — the http.Server agentstream runs,
@@ -37,7 +38,22 @@ type testEnv struct {
 
 func newEnv(t testing.TB) *testEnv { return newEnvWith(t, Options{}, model.Options{}) }
 
+// newEnvWith is newEnv with options. Streams' clients are heard through a
+// transport.Poller where the system has one; newEnvNoPoller leaves it out.
 func newEnvWith(t testing.TB, opts Options, sopts model.Options) *testEnv {
+	t.Helper()
+	if opts.Poller == nil {
+		if p, err := transport.NewPoller(); err == nil {
+			opts.Poller = p
+			t.Cleanup(func() { p.Close() })
+		}
+	}
+	return newEnvNoPoller(t, opts, sopts)
+}
+
+// newEnvNoPoller is newEnvWith where each stream reads its client on a
+// goroutine of its own (the fallback on systems without epoll, and on TLS).
+func newEnvNoPoller(t testing.TB, opts Options, sopts model.Options) *testEnv {
 	t.Helper()
 	store, err := model.Open(context.Background(), filepath.Join(t.TempDir(), "agentstream.db"), sopts)
 	if err != nil {

@@ -3,6 +3,7 @@ package server
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -396,5 +397,154 @@ func TestKeepalive(t *testing.T) {
 		if f.Header.OpCode == ws.OpPing {
 			break
 		}
+	}
+}
+
+// rawSSE opens an SSE stream of a1 on a bare HTTP/1.1 connection and
+// returns the connection and a line reader on it.
+func (e *testEnv) rawSSE() (net.Conn, *bufio.Reader) {
+	e.t.Helper()
+	conn, err := net.Dial("tcp", strings.TrimPrefix(e.base, "http://"))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	conn.SetDeadline(time.Now().Add(20 * time.Second))
+	fmt.Fprintf(conn, "GET /api/towns/t1/container/agents/a1/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n", e.viewer)
+	return conn, bufio.NewReader(conn)
+}
+
+// readSSEID reads an SSE stream up to the next event and returns its id.
+func readSSEID(t *testing.T, r *bufio.Reader) int64 {
+	t.Helper()
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatalf("reading SSE: %v", err)
+		}
+		if v, ok := strings.CutPrefix(line, "id: "); ok {
+			id, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return id
+		}
+	}
+}
+
+// readWSID reads WebSocket frames up to the next event and returns its id.
+func readWSID(t *testing.T, r io.Reader) int64 {
+	t.Helper()
+	for {
+		f, err := ws.ReadFrame(r)
+		if err != nil {
+			t.Fatalf("reading WebSocket: %v", err)
+		}
+		if f.Header.OpCode == ws.OpText {
+			var m msg
+			if err := json.Unmarshal(f.Payload, &m); err != nil {
+				t.Fatal(err)
+			}
+			return m.ID
+		}
+	}
+}
+
+// TestIdleStreamsHoldNoGoroutines: with the Poller, a stream between
+// events holds no goroutine — not one to wait for events, not one to read
+// its client — which is most of what an idle stream would cost. The
+// streams still deliver the next event, and a client that leaves is still
+// noticed without anything being written to it.
+func TestIdleStreamsHoldNoGoroutines(t *testing.T) {
+	e := newEnv(t)
+	if e.api.streamOpts.Poller == nil {
+		t.Skip("no Poller on this system: streams read their clients on a goroutine each")
+	}
+	first := e.mustPost(e.agent, steps(1))[0]
+	waitUntil(t, "a stable goroutine count", func() bool { return true })
+	base := runtime.NumGoroutine()
+
+	const n = 50 // of each transport
+	var wsConns []net.Conn
+	var wsReaders []io.Reader
+	var sseConns []net.Conn
+	var sseReaders []*bufio.Reader
+	for range n {
+		c, r := e.rawWS()
+		wsConns, wsReaders = append(wsConns, c), append(wsReaders, r)
+		if id := readWSID(t, r); id != first {
+			t.Fatalf("ws backfill: id %d, want %d", id, first)
+		}
+		c2, r2 := e.rawSSE()
+		sseConns, sseReaders = append(sseConns, c2), append(sseReaders, r2)
+		if id := readSSEID(t, r2); id != first {
+			t.Fatalf("sse backfill: id %d, want %d", id, first)
+		}
+	}
+	// Without the Poller this would be 2n goroutines or more.
+	waitUntil(t, fmt.Sprintf("%d idle streams to hold no goroutines", 2*n), func() bool {
+		return runtime.NumGoroutine() <= base+5
+	})
+
+	next := e.mustPost(e.agent, steps(1))[0]
+	for i := range n {
+		if id := readWSID(t, wsReaders[i]); id != next {
+			t.Fatalf("ws live: id %d, want %d", id, next)
+		}
+		if id := readSSEID(t, sseReaders[i]); id != next {
+			t.Fatalf("sse live: id %d, want %d", id, next)
+		}
+	}
+	for i := range n {
+		wsConns[i].Close()
+		sseConns[i].Close()
+	}
+	waitUntil(t, "every stream to notice its client left", func() bool {
+		return e.metric(`agentstream_streams_open{proto="HTTP/1.1",transport="sse"}`) == 0 &&
+			e.metric(`agentstream_streams_open{proto="HTTP/1.1",transport="ws"}`) == 0
+	})
+	if got := e.metric(`agentstream_stream_ends_total{reason="client gone"}`); got != 2*n {
+		t.Fatalf("%v streams ended as client gone, want %d", got, 2*n)
+	}
+}
+
+// TestSilentWSClientDropped: a WebSocket client that answers no ping is
+// dropped after three keepalive intervals; one that answers stays.
+func TestSilentWSClientDropped(t *testing.T) {
+	for _, poller := range []bool{true, false} {
+		t.Run(fmt.Sprintf("poller=%v", poller), func(t *testing.T) {
+			opts := Options{Keepalive: 100 * time.Millisecond}
+			var e *testEnv
+			if poller {
+				e = newEnvWith(t, opts, model.Options{})
+			} else {
+				e = newEnvNoPoller(t, opts, model.Options{})
+			}
+			silent, sr := e.rawWS()
+			defer silent.Close()
+			polite, pr := e.rawWS()
+			defer polite.Close()
+			go func() {
+				for {
+					f, err := ws.ReadFrame(pr)
+					if err != nil {
+						return
+					}
+					if f.Header.OpCode == ws.OpPing {
+						ws.WriteFrame(polite, ws.MaskFrame(ws.NewPongFrame(f.Payload)))
+					}
+				}
+			}()
+			for {
+				if _, err := ws.ReadFrame(sr); err != nil {
+					break // dropped: the socket closed under the reader
+				}
+			}
+			waitUntil(t, "the silent client's stream to end", func() bool {
+				return e.metric(`agentstream_stream_ends_total{reason="client silent"}`) == 1
+			})
+			if got := e.metric(`agentstream_streams_open{proto="HTTP/1.1",transport="ws"}`); got != 1 {
+				t.Fatalf("%v WebSocket streams open, want the polite one", got)
+			}
+		})
 	}
 }

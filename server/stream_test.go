@@ -75,41 +75,49 @@ func readN(t *testing.T, c streamClient, n int) []int64 {
 // agent.exited ends the stream; a resume past it is refused at once.
 func TestStreamBackfillLiveEnd(t *testing.T) {
 	for _, kind := range transports {
-		t.Run(kind, func(t *testing.T) {
-			e := newEnv(t)
-			want := e.mustPost(e.agent, steps(5))
-			c, code := e.open(kind, "a1", 0)
-			if code != 200 && code != 101 {
-				t.Fatalf("open: %d", code)
-			}
-			defer c.Close()
-			got := readN(t, c, 5)
-			want = append(want, e.mustPost(e.agent, steps(3))...)
-			want = append(want, e.mustPost(e.agent, `{"type":"step"}`)...)
-			got = append(got, readN(t, c, 4)...)
-			want = append(want, e.mustPost(e.agent, exited)...)
-			got = append(got, readN(t, c, 1)...)
-			if !slices.Equal(got, want) {
-				t.Fatalf("got %v, want %v", got, want)
-			}
-			if _, err := c.Next(); err != io.EOF {
-				t.Fatalf("after agent.exited: %v, want the stream to end", err)
-			}
-			// Resuming at or past agent.exited: 204 (SSE, NDJSON) or close 1000 (WS).
-			c2, code := e.open(kind, "a1", want[len(want)-1])
-			switch {
-			case kind == "ws":
-				if code != 101 {
-					t.Fatalf("ws resume past exit: %d", code)
-				}
-				if cc, err := c2.(*wsClient).closeCode(); err != nil || cc != ws.StatusNormalClosure {
-					t.Fatalf("ws resume past exit: close %d, %v", cc, err)
-				}
-				c2.Close()
-			case code != http.StatusNoContent:
-				t.Fatalf("resume past exit: %d, want 204", code)
-			}
+		t.Run(kind, func(t *testing.T) { backfillLiveEnd(t, newEnv(t), kind) })
+	}
+	// Where the client's side is read on a goroutine per stream, not
+	// through the Poller: systems without epoll.
+	for _, kind := range []string{"sse-h1", "ws"} {
+		t.Run(kind+"/no-poller", func(t *testing.T) {
+			backfillLiveEnd(t, newEnvNoPoller(t, Options{}, model.Options{}), kind)
 		})
+	}
+}
+
+func backfillLiveEnd(t *testing.T, e *testEnv, kind string) {
+	want := e.mustPost(e.agent, steps(5))
+	c, code := e.open(kind, "a1", 0)
+	if code != 200 && code != 101 {
+		t.Fatalf("open: %d", code)
+	}
+	defer c.Close()
+	got := readN(t, c, 5)
+	want = append(want, e.mustPost(e.agent, steps(3))...)
+	want = append(want, e.mustPost(e.agent, `{"type":"step"}`)...)
+	got = append(got, readN(t, c, 4)...)
+	want = append(want, e.mustPost(e.agent, exited)...)
+	got = append(got, readN(t, c, 1)...)
+	if !slices.Equal(got, want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+	if _, err := c.Next(); err != io.EOF {
+		t.Fatalf("after agent.exited: %v, want the stream to end", err)
+	}
+	// Resuming at or past agent.exited: 204 (SSE, NDJSON) or close 1000 (WS).
+	c2, code := e.open(kind, "a1", want[len(want)-1])
+	switch {
+	case kind == "ws":
+		if code != 101 {
+			t.Fatalf("ws resume past exit: %d", code)
+		}
+		if cc, err := c2.(*wsClient).closeCode(); err != nil || cc != ws.StatusNormalClosure {
+			t.Fatalf("ws resume past exit: close %d, %v", cc, err)
+		}
+		c2.Close()
+	case code != http.StatusNoContent:
+		t.Fatalf("resume past exit: %d, want 204", code)
 	}
 }
 

@@ -11,8 +11,9 @@ import (
 // net/http. The response is written by hand and its body runs until the
 // connection closes (Connection: close, no chunking), which every SSE and
 // line-reading client accepts. Like a WebSocket, the stream then lives on
-// its own goroutines and net/http's connection goroutine, with its stack
-// and its buffers, is gone: an idle stream costs half as much.
+// its own and net/http's connection goroutine, with its stack and its
+// buffers, is gone. The client's close is heard through the Poller, or
+// else a goroutine waiting in a read.
 //
 // HTTP/2 streams share their connection and stay with net/http (SSE).
 type Raw struct {
@@ -21,8 +22,8 @@ type Raw struct {
 	gone  func()
 	dl    writeDeadline
 	bufs  net.Buffers
+	watch *Watch // nil: a goroutine waits in a read
 	once  sync.Once
-	rdone chan struct{}
 }
 
 // HijackSSE takes over r's connection and starts an SSE stream on it (an
@@ -39,7 +40,7 @@ func HijackSSE(w http.ResponseWriter, r *http.Request, opts Options, ndjson bool
 	// The client has nothing more to send on this connection (a request
 	// pipelined behind this one is not served), so net/http's read
 	// buffer, and anything in it, is dropped with it.
-	s := &Raw{conn: conn, ndj: ndjson, gone: gone, rdone: make(chan struct{}),
+	s := &Raw{conn: conn, ndj: ndjson, gone: gone,
 		dl: writeDeadline{timeout: opts.WriteTimeout, set: conn.SetWriteDeadline}}
 	first := "retry: 2000\n\n"
 	if ndjson {
@@ -51,22 +52,30 @@ func HijackSSE(w http.ResponseWriter, r *http.Request, opts Options, ndjson bool
 		conn.Close()
 		return nil, err
 	}
-	go s.watch()
+	// The client sends nothing on a stream, so the connection becoming
+	// readable — EOF, reset, or stray bytes — is the end of it.
+	watched, err := watchReads(opts, conn, &s.watch, s.end)
+	if err != nil {
+		s.end()
+		return nil, err
+	}
+	if watched {
+		return s, nil
+	}
+	go func() {
+		var b [1]byte
+		s.conn.Read(b[:])
+		s.end()
+	}()
 	return s, nil
-}
-
-// watch waits for the client to close: it sends nothing on a stream, so any
-// read that returns — EOF, error, or stray bytes — ends it.
-func (s *Raw) watch() {
-	var b [1]byte
-	s.conn.Read(b[:])
-	s.end()
 }
 
 func (s *Raw) end() {
 	s.once.Do(func() {
+		if s.watch != nil {
+			s.watch.Stop()
+		}
 		s.conn.Close()
-		close(s.rdone)
 		if s.gone != nil {
 			s.gone()
 		}
@@ -116,7 +125,6 @@ func (s *Raw) Keepalive() error {
 // close-delimited body.
 func (s *Raw) Close(Reason) error {
 	s.end()
-	<-s.rdone
 	return nil
 }
 

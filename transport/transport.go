@@ -8,6 +8,8 @@
 package transport
 
 import (
+	"errors"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -100,6 +102,29 @@ type Options struct {
 	// WebSocket client that sends nothing, not even a pong, for three
 	// intervals is dropped.
 	Keepalive time.Duration
+	// Poller, when set, watches idle connections for client bytes in place
+	// of a reading goroutine per connection (see Poller).
+	Poller *Poller
+}
+
+// errStopped is Watch.Arm's error after Stop: whoever stopped the watch
+// has taken over reading the connection.
+var errStopped = errors.New("transport: read watch stopped")
+
+// watchReads has opts.Poller call onReadable when conn has bytes to read,
+// storing the armed watch in *w (before arming, so that onReadable finds
+// it). It reports false when there is no Poller or conn cannot be watched:
+// the caller then reads conn on a goroutine of its own.
+func watchReads(opts Options, conn net.Conn, w **Watch, onReadable func()) (bool, error) {
+	if opts.Poller == nil {
+		return false, nil
+	}
+	watch, err := opts.Poller.Watch(conn, onReadable)
+	if err != nil {
+		return false, nil
+	}
+	*w = watch
+	return true, watch.Arm()
 }
 
 // Kind of transport a request asks for: "ws" for a WebSocket upgrade,

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gobwas/ws"
@@ -23,23 +24,30 @@ const maxClientPayload = 4 << 10
 // bufio buffers: bytes the client sent after the handshake are carried over
 // once, and from then on frames go straight to the socket — event frames as
 // the shared bytes of Encode, several at once with writev (net.Buffers).
-// An idle connection so costs its two goroutines and a few hundred bytes.
+//
+// Client frames (pongs, pings, the close) are read when a Poller reports
+// the socket readable, on a goroutine that lives for one frame; without a
+// Poller, or on TLS, a goroutine of the stream's own waits in a read.
 type WS struct {
 	conn net.Conn
 	opts Options
 	gone func() // called once when the client has gone
 
-	mu       sync.Mutex // serializes writes: handler, reader (pong, close)
-	closed   bool       // a close frame was sent
-	bufs     net.Buffers
-	dl       writeDeadline // guarded by mu
+	mu     sync.Mutex // serializes writes: handler, reader (pong, close)
+	closed bool       // a close frame was sent
+	bufs   net.Buffers
+	dl     writeDeadline // guarded by mu
+
+	rmu      sync.Mutex   // one reader of client frames at a time
+	watch    *Watch       // nil: readLoop reads on a goroutine of its own
+	lastRead atomic.Int64 // UnixNano of the handshake or the last client frame
 	endOnce  sync.Once
-	readDone chan struct{} // closed when readLoop has returned and the socket is closed
+	ended    chan struct{} // closed once the socket is closed
 }
 
-// UpgradeWS answers the WebSocket handshake on w and starts the reader of
-// client frames. gone is called (once, from the reader) when the client
-// closes or breaks the connection, so the handler can stop waiting.
+// UpgradeWS answers the WebSocket handshake on w and starts reading client
+// frames. gone is called once when the client closes or breaks the
+// connection, so the handler can stop waiting.
 func UpgradeWS(w http.ResponseWriter, r *http.Request, opts Options, gone func()) (*WS, error) {
 	u := ws.HTTPUpgrader{Timeout: opts.WriteTimeout}
 	conn, rw, _, err := u.Upgrade(r, w)
@@ -49,12 +57,24 @@ func UpgradeWS(w http.ResponseWriter, r *http.Request, opts Options, gone func()
 		}
 		return nil, err
 	}
-	if n := rw.Reader.Buffered(); n > 0 {
-		early, _ := rw.Reader.Peek(n)
-		conn = &prefixConn{Conn: conn, r: io.MultiReader(bytes.NewReader(bytes.Clone(early)), conn)}
+	early := rw.Reader.Buffered() > 0
+	if early {
+		b, _ := rw.Reader.Peek(rw.Reader.Buffered())
+		conn = &prefixConn{Conn: conn, r: io.MultiReader(bytes.NewReader(bytes.Clone(b)), conn)}
 	}
-	s := &WS{conn: conn, opts: opts, gone: gone, readDone: make(chan struct{}),
+	s := &WS{conn: conn, opts: opts, gone: gone, ended: make(chan struct{}),
 		dl: writeDeadline{timeout: opts.WriteTimeout, set: conn.SetWriteDeadline}}
+	s.lastRead.Store(time.Now().UnixNano())
+	if !early { // bytes carried over are in prefixConn, where epoll cannot see them
+		watched, err := watchReads(opts, conn, &s.watch, s.readOne)
+		if err != nil {
+			s.end()
+			return nil, err
+		}
+		if watched {
+			return s, nil
+		}
+	}
 	go s.readLoop()
 	return s, nil
 }
@@ -82,8 +102,15 @@ func (s *WS) WriteNotice(name string, payload []byte) error {
 	return s.writeFrame(ws.NewTextFrame(b[:len(b)-1])) // the JSON line without its newline
 }
 
-// Keepalive sends a ping; the client's pong keeps the read deadline alive.
+// ErrSilent is Keepalive's error for a WebSocket client that sent nothing,
+// not even a pong, for three keepalive intervals: it is dropped.
+var ErrSilent = errors.New("transport: websocket client silent for three keepalive intervals")
+
+// Keepalive sends a ping; the client's pong keeps the stream alive.
 func (s *WS) Keepalive() error {
+	if k := s.opts.Keepalive; k > 0 && time.Since(time.Unix(0, s.lastRead.Load())) > 3*k {
+		return ErrSilent
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.setDeadline(); err != nil {
@@ -100,18 +127,35 @@ const closeLinger = 2 * time.Second
 // Close sends a close frame with the reason's code, then waits (up to
 // closeLinger) for the client's close before closing the socket: closing
 // while the client's bytes are unread would reset the connection, and the
-// client could lose the close frame and its code.
+// client could lose the close frame and its code. For ReasonGone it only
+// closes the socket: a client that left or stopped reading hears nothing.
 func (s *WS) Close(reason Reason) error {
+	if reason == ReasonGone {
+		s.end()
+		return nil
+	}
 	code := map[Reason]ws.StatusCode{
 		ReasonEnded:    ws.StatusNormalClosure,
 		ReasonShutdown: ws.StatusGoingAway,
 		ReasonPolicy:   ws.StatusPolicyViolation,
 		ReasonError:    ws.StatusInternalServerError,
-		ReasonGone:     ws.StatusNormalClosure,
 	}[reason]
 	err := s.sendClose(code, reason.String())
-	s.conn.SetReadDeadline(time.Now().Add(closeLinger))
-	<-s.readDone
+	linger := time.Now().Add(closeLinger)
+	s.conn.SetReadDeadline(linger)
+	if s.watch == nil {
+		<-s.ended // readLoop ends on the client's close, an error or the deadline
+		return err
+	}
+	// No more poller calls: this goroutine reads the rest itself, once a
+	// frame being read (which the deadline above cuts short) is done.
+	s.watch.Stop()
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	s.conn.SetReadDeadline(linger)
+	for s.readFrame() {
+	}
+	s.end()
 	return err
 }
 
@@ -139,63 +183,87 @@ func (s *WS) writeFrame(f ws.Frame) error {
 
 func (s *WS) setDeadline() error { return s.dl.refresh() }
 
-// readLoop reads client frames: pings are answered, pongs and small data
-// frames only prove the client alive, a close is echoed. Frames that break
-// the protocol (unmasked, reserved bits or opcodes, oversized control
-// frames) close with 1008, data over maxClientPayload with 1009. Nothing
-// for three keepalive intervals drops the client.
+// frameTimeout bounds how long a client frame that has begun may take to
+// arrive whole, when the Poller has said it is coming.
+const frameTimeout = 10 * time.Second
+
+// readOne is the Poller's call: the socket is readable. It reads one frame
+// (or the close, or the error) and arms the watch for the next.
+func (s *WS) readOne() {
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	select {
+	case <-s.ended:
+		return
+	default:
+	}
+	s.conn.SetReadDeadline(time.Now().Add(frameTimeout))
+	if !s.readFrame() {
+		s.end()
+		return
+	}
+	// Stopped means Close is waiting to read the client's close frame
+	// itself: leave the connection open for it.
+	if err := s.watch.Arm(); err != nil && !errors.Is(err, errStopped) {
+		s.end()
+	}
+}
+
+// readLoop reads client frames on a goroutine of its own, when there is no
+// Poller. (A client silent too long is found by Keepalive, as with one.)
 func (s *WS) readLoop() {
 	defer s.end()
-	var hb [ws.MaxHeaderSize - 2]byte
-	var ctl [125]byte // control frames only; data frames are discarded unread
-	for {
-		if s.opts.Keepalive > 0 {
-			s.conn.SetReadDeadline(time.Now().Add(3 * s.opts.Keepalive))
-		}
-		h, err := ws.ReadHeaderBuffer(s.conn, hb[:])
-		if err != nil {
-			if errors.Is(err, ws.ErrHeaderLengthMSB) || errors.Is(err, ws.ErrHeaderLengthUnexpected) {
-				s.refuse(ws.StatusPolicyViolation, "malformed frame")
-			}
-			return
-		}
-		switch {
-		case !h.Masked || h.Rsv != 0 || h.OpCode.IsReserved() ||
-			(h.OpCode.IsControl() && (h.Length > 125 || !h.Fin)):
-			s.refuse(ws.StatusPolicyViolation, "malformed frame")
-			return
-		case h.Length > maxClientPayload:
-			s.refuse(ws.StatusMessageTooBig, "this stream takes no messages")
-			return
-		}
-		if !h.OpCode.IsControl() {
-			// Nothing to say on this stream: read past it. (No buffer of
-			// our own on this goroutine's stack keeps an idle
-			// connection's stack at its minimum.)
-			if _, err := io.CopyN(io.Discard, s.conn, h.Length); err != nil {
-				return
-			}
-			continue
-		}
-		p := ctl[:h.Length]
-		if _, err := io.ReadFull(s.conn, p); err != nil {
-			return
-		}
-		ws.Cipher(p, h.Mask, 0)
-		switch h.OpCode {
-		case ws.OpPing:
-			if s.writeFrame(ws.NewPongFrame(p)) != nil {
-				return
-			}
-		case ws.OpClose:
-			code, _ := ws.ParseCloseFrameData(p)
-			if code.Empty() {
-				code = ws.StatusNormalClosure
-			}
-			s.sendClose(code, "")
-			return
-		}
+	for s.readFrame() {
 	}
+}
+
+// readFrame reads one client frame and reports whether the connection
+// goes on: pings are answered, pongs and small data frames only prove the
+// client alive, a close is echoed. Frames that break the protocol
+// (unmasked, reserved bits or opcodes, oversized control frames) close
+// with 1008, data over maxClientPayload with 1009.
+func (s *WS) readFrame() bool {
+	var hb [ws.MaxHeaderSize - 2]byte
+	h, err := ws.ReadHeaderBuffer(s.conn, hb[:])
+	if err != nil {
+		if errors.Is(err, ws.ErrHeaderLengthMSB) || errors.Is(err, ws.ErrHeaderLengthUnexpected) {
+			s.refuse(ws.StatusPolicyViolation, "malformed frame")
+		}
+		return false
+	}
+	switch {
+	case !h.Masked || h.Rsv != 0 || h.OpCode.IsReserved() ||
+		(h.OpCode.IsControl() && (h.Length > 125 || !h.Fin)):
+		s.refuse(ws.StatusPolicyViolation, "malformed frame")
+		return false
+	case h.Length > maxClientPayload:
+		s.refuse(ws.StatusMessageTooBig, "this stream takes no messages")
+		return false
+	}
+	s.lastRead.Store(time.Now().UnixNano())
+	if !h.OpCode.IsControl() {
+		// Nothing to say on this stream: read past it.
+		_, err := io.CopyN(io.Discard, s.conn, h.Length)
+		return err == nil
+	}
+	var ctl [125]byte
+	p := ctl[:h.Length]
+	if _, err := io.ReadFull(s.conn, p); err != nil {
+		return false
+	}
+	ws.Cipher(p, h.Mask, 0)
+	switch h.OpCode {
+	case ws.OpPing:
+		return s.writeFrame(ws.NewPongFrame(p)) == nil
+	case ws.OpClose:
+		code, _ := ws.ParseCloseFrameData(p)
+		if code.Empty() {
+			code = ws.StatusNormalClosure
+		}
+		s.sendClose(code, "")
+		return false
+	}
+	return true
 }
 
 // refuse closes on a client's broken frame: the close frame, then the
@@ -210,8 +278,11 @@ func (s *WS) refuse(code ws.StatusCode, text string) {
 
 func (s *WS) end() {
 	s.endOnce.Do(func() {
+		if s.watch != nil {
+			s.watch.Stop()
+		}
 		s.conn.Close()
-		close(s.readDone)
+		close(s.ended)
 		if s.gone != nil {
 			s.gone()
 		}
