@@ -101,6 +101,9 @@ type AgentSummary struct {
 	LastType    string    `json:"last_type"`
 	LastEventAt time.Time `json:"-"`
 	Exited      bool      `json:"exited"`
+	// From the agent.exited event's data, when the agent has exited.
+	ExitReason string `json:"exit_reason,omitempty"`
+	ExitCode   *int   `json:"exit_code,omitempty"`
 }
 
 // MarshalJSON writes last_event_at in the wire time format.

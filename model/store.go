@@ -3,6 +3,7 @@ package model
 import (
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -352,6 +353,16 @@ func (s *Store) Agents(ctx context.Context, town string) ([]AgentSummary, error)
 			LastType:    e.Type,
 			LastEventAt: e.CreatedAt,
 			Exited:      e.Type == TypeExited,
+		}
+		if out[i].Exited {
+			// Best effort: an exit event written by hand may carry neither.
+			var d struct {
+				Reason   string `json:"reason"`
+				ExitCode *int   `json:"exit_code"`
+			}
+			if json.Unmarshal(e.Data, &d) == nil {
+				out[i].ExitReason, out[i].ExitCode = d.Reason, d.ExitCode
+			}
 		}
 	}
 	return out, nil

@@ -55,6 +55,18 @@ func TestAppendAfterRoundTrip(t *testing.T) {
 	if len(agents) != 2 || agents[0].AgentID != "b" || agents[1].AgentID != "a" || agents[1].LastType != "x.two" {
 		t.Fatalf("Agents = %+v", agents)
 	}
+	// An exited agent's list entry says how it ended.
+	exit := []Event{{TownID: "t", RigID: "r", AgentID: "a", Type: TypeExited, Data: json.RawMessage(`{"reason":"failed","exit_code":3}`)}}
+	if err := s.Append(ctx, exit); err != nil {
+		t.Fatal(err)
+	}
+	agents, err = s.Agents(ctx, "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a := agents[0]; a.AgentID != "a" || !a.Exited || a.ExitReason != "failed" || a.ExitCode == nil || *a.ExitCode != 3 {
+		t.Fatalf("exited agent = %+v", a)
+	}
 }
 
 // TestConcurrentAppendsAndPruning: 16 writers on 4 agents; every agent's ids

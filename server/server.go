@@ -126,7 +126,9 @@ func (s *Server) routes() http.Handler {
 	handle("GET", "/healthz", s.handleHealthz)
 	handle("GET", "/readyz", s.handleReadyz)
 	handle("GET", "/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}).ServeHTTP)
-	handle("GET", "/{$}", s.handleIndex)
+	handle("GET", "/{$}", handleAsset("index.html", "text/html; charset=utf-8"))
+	handle("GET", "/app.js", handleAsset("app.js", "text/javascript; charset=utf-8"))
+	handle("GET", "/app.css", handleAsset("app.css", "text/css; charset=utf-8"))
 
 	// net/http answers a known path with the wrong method by a plain-text
 	// 405; the API promises JSON errors, so every path gets a method-less

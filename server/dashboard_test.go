@@ -1,0 +1,522 @@
+package server
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+
+	"github.com/agentstream/agentstream/model"
+	"github.com/agentstream/agentstream/poll"
+	"github.com/agentstream/agentstream/transport"
+)
+
+// browser starts a headless Chromium for one test and returns its context.
+// Without chromium the test is skipped, except in CI (CI=true), where that
+// is a failure: .ci/run installs it.
+func browser(t *testing.T) context.Context {
+	t.Helper()
+	var path string
+	for _, name := range []string{"chromium", "chromium-browser", "google-chrome"} {
+		if p, err := exec.LookPath(name); err == nil {
+			path = p
+			break
+		}
+	}
+	if path == "" {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("chromium not found; CI must install it (apt-get install chromium)")
+		}
+		t.Skip("chromium not found: install it (apt-get install chromium) to run the dashboard tests")
+	}
+	alloc, cancelAlloc := chromedp.NewExecAllocator(context.Background(),
+		chromedp.ExecPath(path),
+		chromedp.Headless,
+		chromedp.NoSandbox,
+		chromedp.DisableGPU,
+		chromedp.NoFirstRun,
+		chromedp.Flag("disable-quic", true),
+		chromedp.Flag("disable-background-networking", true),
+		chromedp.Flag("disable-component-update", true),
+		chromedp.Flag("disable-sync", true),
+		chromedp.UserDataDir(t.TempDir()),
+		chromedp.WindowSize(1280, 800),
+	)
+	ctx, cancelCtx := chromedp.NewContext(alloc)
+	ctx, cancelTimeout := context.WithTimeout(ctx, 120*time.Second)
+	t.Cleanup(func() {
+		cancelTimeout()
+		cancelCtx()
+		cancelAlloc()
+	})
+	if err := chromedp.Do(ctx); err != nil { // starts the browser
+		t.Fatalf("start chromium: %v", err)
+	}
+	return ctx
+}
+
+// do runs browser steps, failing the test on error.
+func do(t *testing.T, ctx context.Context, steps ...chromedp.Action[chromedp.Void]) {
+	t.Helper()
+	if err := chromedp.Do(ctx, steps...); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// evalJS evaluates a JavaScript expression in the page.
+func evalJS[T any](t *testing.T, ctx context.Context, expr string) T {
+	t.Helper()
+	v, err := chromedp.Run(ctx, chromedp.Evaluate[T](expr))
+	if err != nil {
+		t.Fatalf("evaluate %s: %v", expr, err)
+	}
+	return v
+}
+
+// textOf is the text content of the first element sel matches.
+func textOf(t *testing.T, ctx context.Context, sel string) string {
+	t.Helper()
+	return evalJS[string](t, ctx, fmt.Sprintf("document.querySelector(%q)?.textContent ?? \"\"", sel))
+}
+
+// waitJS waits until the JavaScript expression is truthy in the page.
+func waitJS(t *testing.T, ctx context.Context, what, expr string) {
+	t.Helper()
+	wctx, cancel := context.WithTimeout(ctx, 45*time.Second)
+	defer cancel()
+	if _, err := chromedp.Run(wctx, chromedp.Poll[any](expr, chromedp.WithPollingInterval(50*time.Millisecond))); err != nil {
+		t.Fatalf("waiting for %s: %v (status: %q)", what, err, textOf(t, ctx, "#status"))
+	}
+}
+
+// shownIDs is every event id on the page's rows, in row order (a row of a
+// growing message or tool call carries several).
+const shownIDs = `[...document.querySelectorAll("#events .row")].flatMap(r => r.dataset.ids.split(" ").filter(Boolean).map(Number))`
+
+func pageIDs(t *testing.T, ctx context.Context) []int64 {
+	t.Helper()
+	return evalJS[[]int64](t, ctx, shownIDs)
+}
+
+// waitShown waits until the page shows n event ids.
+func waitShown(t *testing.T, ctx context.Context, n int) []int64 {
+	t.Helper()
+	waitJS(t, ctx, fmt.Sprintf("%d events on the page", n), fmt.Sprintf("%s.length >= %d", shownIDs, n))
+	return pageIDs(t, ctx)
+}
+
+// openAgent opens the dashboard at base with the viewer token and selects
+// agent.
+func openAgent(t *testing.T, ctx context.Context, base, viewer, agent string) {
+	t.Helper()
+	sel := fmt.Sprintf(`#agents li[data-agent=%q] button`, agent)
+	do(t, ctx, chromedp.Navigate(base+"/#token="+viewer))
+	waitJS(t, ctx, "the agent in the list", fmt.Sprintf("document.querySelector(%q) !== null", sel))
+	do(t, ctx, chromedp.Click(chromedp.CSS(sel)))
+}
+
+func (e *testEnv) postAgent(agent, body string) []int64 {
+	e.t.Helper()
+	return e.postRig("r1", agent, body)
+}
+
+func (e *testEnv) postRig(rig, agent, body string) []int64 {
+	e.t.Helper()
+	code, _, v := e.do("POST", "/api/rigs/"+rig+"/agent-events", e.mustMintAgent("t1", rig, agent), "application/json", []byte(body))
+	if code != 201 {
+		e.t.Fatalf("post: %d %v", code, v)
+	}
+	var ids []int64
+	for _, id := range v["ids"].([]any) {
+		ids = append(ids, int64(id.(float64)))
+	}
+	return ids
+}
+
+func ev(agent, typ string, data any) string {
+	b, _ := json.Marshal(map[string]any{"agent_id": agent, "type": typ, "data": data})
+	return string(b)
+}
+
+func batch(evs ...string) string { return `{"events":[` + strings.Join(evs, ",") + `]}` }
+
+// TestDashboardShowsEvents: events posted before and after the page opens
+// appear once each, in order, with their badges; streamed text parts grow
+// one message, a tool call is one collapsible row; the token leaves the
+// address bar.
+func TestDashboardShowsEvents(t *testing.T) {
+	ctx := browser(t)
+	e := newEnv(t)
+	text := func(id, s, delta string) string {
+		return ev("a1", "message.part.updated", map[string]any{"message_id": "m2", "part": map[string]any{"id": id, "type": "text", "text": s}, "delta": delta})
+	}
+	tool := func(status string, output any) string {
+		st := map[string]any{"status": status, "input": map[string]any{"command": "go test ./..."}}
+		if output != nil {
+			st["output"] = output
+		}
+		return ev("a1", "message.part.updated", map[string]any{"message_id": "m3", "part": map[string]any{"id": "p2", "type": "tool", "tool": "bash", "state": st}})
+	}
+	want := e.postAgent("a1", batch(
+		ev("a1", "session.created", map[string]any{"session_id": "s1"}),
+		ev("a1", "message.updated", map[string]any{"role": "user", "text": "Fix the failing test."}),
+		text("p1", "Let me", "Let me"),
+		text("p1", "Let me run", " run"),
+		text("p1", "Let me run the tests.", " the tests."),
+		tool("running", nil),
+	))
+	openAgent(t, ctx, e.base, e.viewer, "a1")
+	waitShown(t, ctx, len(want))
+	if hash := evalJS[string](t, ctx, `location.hash`); hash != "" {
+		t.Fatalf("the token stayed in the address bar: %q", hash)
+	}
+
+	want = append(want, e.postAgent("a1", batch(
+		tool("completed", "ok  \tapp\t0.1s"),
+		ev("a1", "output.line", map[string]any{"stream": "stderr", "line": "warning: slow"}),
+		ev("a1", "custom.thing", map[string]any{"n": 1}),
+	))...)
+	got := waitShown(t, ctx, len(want))
+	if !slices.Equal(got, want) {
+		t.Fatalf("page shows ids %v, want %v", got, want)
+	}
+
+	type row struct {
+		Badge string `json:"badge"`
+		Text  string `json:"text"`
+		IDs   string `json:"ids"`
+	}
+	rows := evalJS[[]row](t, ctx, `[...document.querySelectorAll("#events .row")].map(r => ({
+		badge: r.querySelector(".badge").textContent, text: r.querySelector(".body").textContent, ids: r.dataset.ids}))`)
+	wantRows := []struct{ badge, text string }{
+		{"session", `"session_id": "s1"`},
+		{"message", "Fix the failing test."},
+		{"message", "Let me run the tests."},
+		{"tool", "bash — completed: go test ./..."},
+		{"output", "warning: slow"},
+		{"other", "custom.thing"},
+	}
+	if len(rows) != len(wantRows) {
+		t.Fatalf("%d rows, want %d: %+v", len(rows), len(wantRows), rows)
+	}
+	for i, w := range wantRows {
+		if rows[i].Badge != w.badge || !strings.Contains(rows[i].Text, w.text) {
+			t.Errorf("row %d: badge %q text %q, want %q containing %q", i, rows[i].Badge, rows[i].Text, w.badge, w.text)
+		}
+	}
+	if n := len(strings.Fields(rows[2].IDs)); n != 3 {
+		t.Errorf("the streamed message is one row of 3 events, got ids %q", rows[2].IDs)
+	}
+	// The tool call opens to show its output.
+	do(t, ctx, chromedp.Click(chromedp.CSS("#events details summary")))
+	if output := textOf(t, ctx, "#events details"); !strings.Contains(output, "ok  \tapp\t0.1s") {
+		t.Errorf("tool output not shown: %q", output)
+	}
+	if status := textOf(t, ctx, "#status"); !strings.Contains(status, "Live · WebSocket") {
+		t.Errorf("status %q, want live over WebSocket", status)
+	}
+}
+
+// TestDashboardTokenForm: without a token the page asks for one; a bad
+// token is refused with the server's message; a good one shows the town.
+func TestDashboardTokenForm(t *testing.T) {
+	ctx := browser(t)
+	e := newEnv(t)
+	e.postAgent("a1", batch(ev("a1", "session.created", map[string]any{})))
+	visible := func(sel string) string {
+		return fmt.Sprintf("(getComputedStyle(document.querySelector(%q)).display !== 'none')", sel)
+	}
+	do(t, ctx, chromedp.Navigate(e.base+"/"))
+	waitJS(t, ctx, "the token form", visible("#login")+" && !"+visible("#app"))
+
+	forged := e.viewer[:len(e.viewer)-4] + "AAAA" // the signature no longer matches
+	do(t, ctx, chromedp.SendKeys(chromedp.CSS("#token"), forged), chromedp.Click(chromedp.CSS("#login button")))
+	waitJS(t, ctx, "the refusal", `document.querySelector("#login-error").textContent !== ""`)
+
+	do(t, ctx, chromedp.SetValue(chromedp.CSS("#token"), e.viewer), chromedp.Click(chromedp.CSS("#login button")))
+	waitJS(t, ctx, "the agent list", visible("#app")+` && !`+visible("#login")+
+		` && document.querySelector('#agents li[data-agent="a1"]') !== null`)
+}
+
+// TestDashboardEscapesData: markup in an event's data is shown as text and
+// never runs.
+func TestDashboardEscapesData(t *testing.T) {
+	ctx := browser(t)
+	e := newEnv(t)
+	evil := `<script>window.__xss=1</script><img src=x onerror="window.__xss=2">`
+	want := e.postAgent("a1", batch(
+		ev("a1", "message.updated", map[string]any{"role": "user", "text": evil}),
+		ev("a1", "output.line", map[string]any{"stream": "stdout", "line": evil}),
+		ev("a1", "custom.thing", map[string]any{"html": evil}),
+		ev("a1", "message.part.updated", map[string]any{"part": map[string]any{"id": "p", "type": "tool", "tool": evil, "state": map[string]any{"status": evil}}}),
+	))
+	openAgent(t, ctx, e.base, e.viewer, "a1")
+	waitShown(t, ctx, len(want))
+	type result struct {
+		Elements int    `json:"elements"`
+		XSS      any    `json:"xss"`
+		Text     string `json:"text"`
+	}
+	res := evalJS[result](t, ctx, `({elements: document.querySelectorAll("#events img, #events script").length,
+		xss: window.__xss ?? null, text: document.querySelector("#events").textContent})`)
+	if res.Elements != 0 || res.XSS != nil {
+		t.Fatalf("event data became markup: %d img/script elements, window.__xss = %v", res.Elements, res.XSS)
+	}
+	if strings.Count(res.Text, "<script>window.__xss=1</script>") < 4 {
+		t.Fatalf("the markup is not shown as text: %q", res.Text)
+	}
+}
+
+// TestDashboardExited: agent.exited shows the end state, and the page asks
+// for no more streams of that agent while it goes on watching the town.
+func TestDashboardExited(t *testing.T) {
+	ctx := browser(t)
+	e := newEnv(t)
+	want := e.postAgent("a1", batch(ev("a1", "session.created", map[string]any{})))
+	openAgent(t, ctx, e.base, e.viewer, "a1")
+	waitShown(t, ctx, len(want))
+	want = append(want, e.postAgent("a1", batch(ev("a1", model.TypeExited, map[string]any{"reason": "failed", "exit_code": 3})))...)
+	waitJS(t, ctx, "the end state", `!document.querySelector("#end").hidden`)
+	end, status := textOf(t, ctx, "#end"), textOf(t, ctx, "#status")
+	if !strings.Contains(end, "failed") || !strings.Contains(end, "exit code 3") || status != "Ended" {
+		t.Fatalf("end %q, status %q", end, status)
+	}
+	if got := pageIDs(t, ctx); !slices.Equal(got, want) {
+		t.Fatalf("page shows ids %v, want %v", got, want)
+	}
+	waitJS(t, ctx, "the agent list to show the exit", `document.querySelector('#agents li[data-agent="a1"]').textContent.includes("exited: failed (exit 3)")`)
+	tickets := e.streamRequests()
+	// The page keeps polling the town: two agents of another rig appear in
+	// turn, each a poll later. Meanwhile no ticket or stream was asked for,
+	// and the exited agent stays on screen.
+	e.postRig("r2", "a2", batch(ev("a2", "session.created", map[string]any{})))
+	waitJS(t, ctx, "a2 in the list", `document.querySelector('#agents li[data-agent="a2"]') !== null`)
+	e.postRig("r2", "a3", batch(ev("a3", "session.created", map[string]any{})))
+	waitJS(t, ctx, "a3 in the list", `document.querySelector('#agents li[data-agent="a3"]') !== null`)
+	if got := e.streamRequests(); got != tickets {
+		t.Fatalf("%v stream and ticket requests after the exit, was %v", got, tickets)
+	}
+	if title := textOf(t, ctx, "#agent-title"); title != "a1" {
+		t.Fatalf("the exited agent left the screen for %q", title)
+	}
+	// A new agent in the exited one's rig takes its place.
+	next := e.postAgent("a4", batch(ev("a4", "session.created", map[string]any{})))
+	waitJS(t, ctx, "the view to move to a4", `document.querySelector("#agent-title").textContent === "a4"`)
+	if got := waitShown(t, ctx, 1); !slices.Equal(got, next) {
+		t.Fatalf("a4's view shows ids %v, want %v", got, next)
+	}
+}
+
+// streamRequests counts ticket and stream requests the server has served.
+func (e *testEnv) streamRequests() float64 {
+	e.t.Helper()
+	resp, err := e.client.Get(e.base + "/metrics")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var n float64
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, "agentstream_http_request_duration_seconds_count{") ||
+			!(strings.Contains(line, `/stream-ticket"`) || strings.Contains(line, `/stream"`)) {
+			continue
+		}
+		var v float64
+		fmt.Sscan(line[strings.LastIndexByte(line, ' ')+1:], &v)
+		n += v
+	}
+	return n
+}
+
+// TestDashboardFallsBackToSSE: behind a proxy that rewrites Host, the
+// server's origin rule refuses WebSockets; the page falls back to SSE and
+// shows every event.
+func TestDashboardFallsBackToSSE(t *testing.T) {
+	ctx := browser(t)
+	e := newEnv(t)
+	target, _ := url.Parse(e.base)
+	proxy := &httputil.ReverseProxy{Rewrite: func(r *httputil.ProxyRequest) { r.SetURL(target) }}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	front := &http.Server{Handler: proxy}
+	go front.Serve(ln)
+	t.Cleanup(func() { front.Close() })
+
+	want := e.postAgent("a1", batch(ev("a1", "session.created", map[string]any{})))
+	openAgent(t, ctx, "http://"+ln.Addr().String(), e.viewer, "a1")
+	waitShown(t, ctx, len(want))
+	want = append(want, e.postAgent("a1", batch(ev("a1", "output.line", map[string]any{"stream": "stdout", "line": "live"})))...)
+	if got := waitShown(t, ctx, len(want)); !slices.Equal(got, want) {
+		t.Fatalf("page shows ids %v, want %v", got, want)
+	}
+	if status := textOf(t, ctx, "#status"); !strings.Contains(status, "Live · SSE") {
+		t.Fatalf("status %q, want live over SSE", status)
+	}
+	if n := e.metric(`agentstream_http_request_duration_seconds_count{code="403",route="GET /api/towns/{townId}/container/agents/{agentId}/stream"}`); n < 2 {
+		t.Fatalf("%v WebSocket refusals, want the two that make the page fall back", n)
+	}
+}
+
+// restartable is a server on a fixed address and data directory that a
+// test can stop and start again.
+type restartable struct {
+	t      *testing.T
+	dir    string
+	addr   string
+	secret []byte
+	stop   func()
+}
+
+func (r *restartable) start() {
+	r.t.Helper()
+	store, err := model.Open(context.Background(), filepath.Join(r.dir, "agentstream.db"), model.Options{})
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	auth, err := NewAuth(r.secret)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	sched := poll.New(store, poll.Options{})
+	poller, err := transport.NewPoller()
+	if err != nil {
+		poller = nil
+	}
+	api := New(store, sched, auth, Options{Log: slog.New(slog.DiscardHandler), Poller: poller})
+	addr := r.addr
+	if addr == "" {
+		addr = "127.0.0.1:0"
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	r.addr = ln.Addr().String()
+	hs := newHTTPServer(api, api.log)
+	go hs.Serve(ln)
+	r.stop = func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		api.Drain(ctx)
+		hs.Close()
+		sched.Close()
+		store.Close()
+		if poller != nil {
+			poller.Close()
+		}
+	}
+}
+
+// TestDashboardSurvivesRestart: the server restarts mid-stream on the same
+// data directory, with events written while it was down; the page
+// reconnects by itself and shows every event exactly once.
+func TestDashboardSurvivesRestart(t *testing.T) {
+	ctx := browser(t)
+	r := &restartable{t: t, dir: t.TempDir(), secret: []byte(strings.Repeat("k", 32))}
+	r.start()
+	t.Cleanup(func() { r.stop() })
+	auth, _ := NewAuth(r.secret)
+	viewer, _ := auth.MintViewer("t1", time.Hour)
+	agentTok, _ := auth.MintAgent("t1", "r1", "a1", time.Hour)
+	client := &http.Client{Timeout: 10 * time.Second}
+	post := func(n int) {
+		t.Helper()
+		evs := make([]string, n)
+		for i := range evs {
+			evs[i] = ev("a1", "output.line", map[string]any{"stream": "stdout", "line": fmt.Sprint("line ", i)})
+		}
+		req, _ := http.NewRequest("POST", "http://"+r.addr+"/api/rigs/r1/agent-events", strings.NewReader(batch(evs...)))
+		req.Header.Set("Authorization", "Bearer "+agentTok)
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := client.Do(req)
+		if err != nil || resp.StatusCode != 201 {
+			t.Fatalf("post: %v %v", resp, err)
+		}
+		resp.Body.Close()
+	}
+	post(5)
+	openAgent(t, ctx, "http://"+r.addr, viewer, "a1")
+	waitShown(t, ctx, 5)
+	waitJS(t, ctx, "live", `document.querySelector("#status").dataset.state === "live"`)
+
+	r.stop()
+	waitJS(t, ctx, "the page to notice", `document.querySelector("#status").dataset.state !== "live"`)
+	// Written while the server is down, straight into its database.
+	store, err := model.Open(context.Background(), filepath.Join(r.dir, "agentstream.db"), model.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		if err := store.Append(context.Background(), []model.Event{{TownID: "t1", RigID: "r1", AgentID: "a1", Type: "output.line",
+			Data: json.RawMessage(fmt.Sprintf(`{"stream":"stdout","line":"offline %d"}`, i))}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	store.Close()
+	r.start()
+	post(4)
+
+	got := waitShown(t, ctx, 12)
+	want := make([]int64, 12)
+	for i := range want {
+		want[i] = int64(i + 1)
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("page shows ids %v, want %v", got, want)
+	}
+	waitJS(t, ctx, "live again", `document.querySelector("#status").dataset.state === "live"`)
+}
+
+// TestDashboardScreenshot writes the README's screenshot: a demo session
+// on the page. It runs only when AGENTSTREAM_SCREENSHOT names the file.
+func TestDashboardScreenshot(t *testing.T) {
+	out := os.Getenv("AGENTSTREAM_SCREENSHOT")
+	if out == "" {
+		t.Skip("set AGENTSTREAM_SCREENSHOT=docs/dashboard.png to write the screenshot")
+	}
+	ctx := browser(t)
+	e := newEnv(t)
+	b, err := os.ReadFile("../testdata/demo/01-fix-failing-test.jsonl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	session, err := ParseSession(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var evs []model.Event
+	for _, rec := range session[:len(session)-12] { // mid-session: still running
+		evs = append(evs, model.Event{TownID: "t1", RigID: DemoRig, AgentID: "demo-20261125-101500.000", Type: rec.Type, Data: rec.Data})
+	}
+	if err := e.store.Append(context.Background(), evs); err != nil {
+		t.Fatal(err)
+	}
+	openAgent(t, ctx, e.base, e.viewer, "demo-20261125-101500.000")
+	waitShown(t, ctx, len(evs))
+	do(t, ctx, chromedp.Click(chromedp.CSS("#events details summary")))
+	png, err := chromedp.Run(ctx, chromedp.CaptureScreenshot())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(out, png, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
