@@ -252,6 +252,39 @@ func TestDashboardTokenForm(t *testing.T) {
 		` && document.querySelector('#agents li[data-agent="a1"]') !== null`)
 }
 
+// TestDashboardFollowsNewRows: the list stays at its newest row as events
+// come, until the user scrolls up; then new rows wait behind a "new events"
+// button, which brings the view back down.
+func TestDashboardFollowsNewRows(t *testing.T) {
+	ctx := browser(t)
+	e := newEnv(t)
+	lines := func(n int) string {
+		evs := make([]string, n)
+		for i := range evs {
+			evs[i] = ev("a1", "output.line", map[string]any{"stream": "stdout", "line": fmt.Sprint("line ", i)})
+		}
+		return batch(evs...)
+	}
+	const atBottom = `(() => { const l = document.querySelector("#events"); return l.scrollHeight - l.scrollTop - l.clientHeight < 40 })()`
+	n := len(e.postAgent("a1", lines(60)))
+	openAgent(t, ctx, e.base, e.viewer, "a1")
+	waitShown(t, ctx, n)
+	n += len(e.postAgent("a1", lines(20)))
+	waitShown(t, ctx, n)
+	if !evalJS[bool](t, ctx, atBottom) {
+		t.Fatal("the list did not follow the new rows")
+	}
+	evalJS[any](t, ctx, `document.querySelector("#events").scrollTop = 0`)
+	n += len(e.postAgent("a1", lines(5)))
+	waitShown(t, ctx, n)
+	if evalJS[bool](t, ctx, atBottom) || evalJS[float64](t, ctx, `document.querySelector("#events").scrollTop`) != 0 {
+		t.Fatal("the list moved while the user was reading above")
+	}
+	waitJS(t, ctx, "the new-events button", `!document.querySelector("#new-events").hidden`)
+	do(t, ctx, chromedp.Click(chromedp.CSS("#new-events")))
+	waitJS(t, ctx, "the view back at the newest row", atBottom+` && document.querySelector("#new-events").hidden`)
+}
+
 // TestDashboardEscapesData: markup in an event's data is shown as text and
 // never runs.
 func TestDashboardEscapesData(t *testing.T) {
