@@ -304,6 +304,9 @@ func (p *pump) run() {
 		if p.pending.Load() != n || !p.idle() {
 			continue
 		}
+		// A quiet stream keeps no batch buffers: after a backfill they hold
+		// up to maxBatch entries, and the items' events with them.
+		p.items, p.frames = nil, nil
 		if p.pending.CompareAndSwap(n, 0) {
 			return
 		}

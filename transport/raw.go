@@ -106,7 +106,7 @@ func (s *Raw) WriteEvents(frames [][]byte) error {
 	s.bufs = append(s.bufs[:0], frames...)
 	b := s.bufs
 	_, err := b.WriteTo(s.conn)
-	clear(s.bufs)
+	s.bufs = reuse(s.bufs)
 	return err
 }
 

@@ -111,6 +111,17 @@ type Options struct {
 // has taken over reading the connection.
 var errStopped = errors.New("transport: read watch stopped")
 
+// reuse readies a write's buffer list for the next write: emptied of its
+// frames (shared bytes that must not be kept alive), and dropped when a
+// large batch grew it, so that an idle stream does not hold it.
+func reuse(bufs net.Buffers) net.Buffers {
+	if cap(bufs) > 16 {
+		return nil
+	}
+	clear(bufs[:cap(bufs)])
+	return bufs[:0]
+}
+
 // watchReads has opts.Poller call onReadable when conn has bytes to read,
 // storing the armed watch in *w (before arming, so that onReadable finds
 // it). It reports false when there is no Poller or conn cannot be watched:

@@ -93,7 +93,7 @@ func (s *WS) WriteEvents(frames [][]byte) error {
 		return err
 	}
 	_, err := b.WriteTo(s.conn)
-	clear(s.bufs)
+	s.bufs = reuse(s.bufs)
 	return err
 }
 
