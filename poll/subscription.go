@@ -87,10 +87,7 @@ func (s *Subscription) Next(ctx context.Context, buf []*Item, max int) ([]*Item,
 func (s *Subscription) TryNext(ctx context.Context, buf []*Item, max int) ([]*Item, error) {
 	buf = buf[:0]
 	for {
-		if s.closed.Load() {
-			return buf, ErrClosed
-		}
-		if s.f.stopped.Load() {
+		if s.closed.Load() || s.f.stopped.Load() {
 			return buf, ErrClosed
 		}
 		if err := ctx.Err(); err != nil {

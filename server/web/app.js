@@ -273,16 +273,7 @@ class AgentView {
       this.failures = 0;
       setStatus("live", "Live · WebSocket · HTTP/1.1");
     };
-    ws.onmessage = (m) => {
-      let msg;
-      try {
-        msg = JSON.parse(m.data);
-      } catch {
-        return;
-      }
-      if (msg.notice) this.notice(msg);
-      else this.event(msg);
-    };
+    ws.onmessage = (m) => this.receive(m.data);
     ws.onclose = (c) => {
       if (this.sock !== ws) return;
       this.sock = null;
@@ -299,22 +290,8 @@ class AgentView {
       this.failures = 0;
       setStatus("live", "Live · SSE · " + pageProtocol());
     };
-    es.onmessage = (m) => {
-      let ev;
-      try {
-        ev = JSON.parse(m.data);
-      } catch {
-        return;
-      }
-      this.event(ev);
-    };
-    es.addEventListener("gap", (m) => {
-      try {
-        this.notice({ notice: "gap", ...JSON.parse(m.data) });
-      } catch {
-        // a malformed notice says nothing to show
-      }
-    });
+    es.onmessage = (m) => this.receive(m.data);
+    es.addEventListener("gap", (m) => this.receive(m.data, "gap"));
     // EventSource would reconnect by itself with the same, used-up ticket:
     // close it and reconnect with a fresh one instead.
     es.onerror = () => {
@@ -343,6 +320,20 @@ class AgentView {
       this.timer = setTimeout(tick, Math.min(left, 1000));
     };
     tick();
+  }
+
+  // receive takes one message of either transport: an event, or a notice
+  // (named in the JSON on a WebSocket, by the SSE event name on SSE).
+  receive(data, notice) {
+    let msg;
+    try {
+      msg = JSON.parse(data);
+    } catch {
+      return; // not JSON: nothing to show
+    }
+    if (notice) msg.notice = notice;
+    if (msg.notice) this.notice(msg);
+    else this.event(msg);
   }
 
   event(ev) {
