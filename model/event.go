@@ -9,6 +9,7 @@ package model
 
 import (
 	"encoding/json"
+	"fmt"
 	"time"
 
 	"github.com/uptrace/bun"
@@ -26,6 +27,13 @@ type Event struct {
 	Type      string          `bun:"type,notnull"`
 	Data      json.RawMessage `bun:"data,type:text,notnull"`
 	CreatedAt time.Time       `bun:"created_at,notnull"`
+
+	// UpstreamRun and UpstreamSeq name an event relayed from a container:
+	// the process run it came from and its sequence number there. They are
+	// unique per agent, which is how a relay never stores an event twice,
+	// across its own restarts too. Events written here leave them empty.
+	UpstreamRun string `bun:"upstream_run,nullzero"`
+	UpstreamSeq int64  `bun:"upstream_seq,nullzero"`
 }
 
 // PruneMark records, per agent, the id up to which retention has deleted
@@ -117,3 +125,25 @@ func (a AgentSummary) MarshalJSON() ([]byte, error) {
 
 // TypeExited is the event type that ends an agent's stream.
 const TypeExited = "agent.exited"
+
+// MaxTypeLen is the longest event type.
+const MaxTypeLen = 128
+
+// CheckType returns why typ is not a valid event type (1 to MaxTypeLen
+// characters of a-z, 0-9, '.', '_' and '-'), or "" when it is. Every writer
+// of events checks it, so that types are safe as SSE event names, metric
+// labels and CSS classes alike.
+func CheckType(typ string) string {
+	if typ == "" {
+		return "type is required: 1 to 128 characters of a-z, 0-9, '.', '_' and '-'."
+	}
+	if len(typ) > MaxTypeLen {
+		return fmt.Sprintf("type is %d characters; at most %d are allowed.", len(typ), MaxTypeLen)
+	}
+	for _, c := range []byte(typ) {
+		if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return fmt.Sprintf("type %q has a character outside a-z, 0-9, '.', '_' and '-'.", typ)
+		}
+	}
+	return ""
+}

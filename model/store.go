@@ -300,6 +300,19 @@ func (s *Store) Latest(ctx context.Context, k AgentKey) (int64, error) {
 	return id.Int64, nil
 }
 
+// UpstreamSeq returns the highest upstream sequence number stored for an
+// agent's events from one upstream run, or 0: where a relay resumes.
+func (s *Store) UpstreamSeq(ctx context.Context, k AgentKey, run string) (int64, error) {
+	var seq sql.NullInt64
+	err := s.db.NewSelect().Model((*Event)(nil)).ColumnExpr("MAX(upstream_seq)").
+		Where("town_id = ?", k.Town).Where("agent_id = ?", k.Agent).Where("upstream_run = ?", run).
+		Scan(ctx, &seq)
+	if err != nil {
+		return 0, fmt.Errorf("upstream cursor of %s: %w", k.Agent, err)
+	}
+	return seq.Int64, nil
+}
+
 // Last returns the newest event of an agent, or nil if it has none.
 func (s *Store) Last(ctx context.Context, k AgentKey) (*Event, error) {
 	var evs []Event

@@ -222,3 +222,38 @@ func assertIncreasing(t *testing.T, agent string, evs []Event) {
 		}
 	}
 }
+
+func TestUpstreamSeqIsUniquePerRun(t *testing.T) {
+	ctx := context.Background()
+	s := openTemp(t, Options{})
+	k := AgentKey{Town: "t", Agent: "a"}
+	relayed := func(run string, seq int64) Event {
+		e := ev("t", "r", "a", "x.relayed", int(seq))
+		e.UpstreamRun, e.UpstreamSeq = run, seq
+		return e
+	}
+	if err := s.Append(ctx, []Event{ev("t", "r", "a", "x.local", 0), relayed("run1", 1), relayed("run1", 2), relayed("run2", 1)}); err != nil {
+		t.Fatal(err)
+	}
+	for run, want := range map[string]int64{"run1": 2, "run2": 1, "run3": 0} {
+		if got, err := s.UpstreamSeq(ctx, k, run); err != nil || got != want {
+			t.Errorf("UpstreamSeq(%s) = %d, %v; want %d", run, got, err, want)
+		}
+	}
+	// The same upstream event twice is refused, and nothing of that
+	// commit is stored.
+	if err := s.Append(ctx, []Event{relayed("run1", 3), relayed("run1", 2)}); err == nil {
+		t.Fatal("a relayed event was stored twice")
+	}
+	if got, _ := s.UpstreamSeq(ctx, k, "run1"); got != 2 {
+		t.Fatalf("after the refused commit UpstreamSeq = %d, want 2", got)
+	}
+	// Local events never clash with one another.
+	if err := s.Append(ctx, []Event{ev("t", "r", "a", "x.local", 1), ev("t", "r", "a", "x.local", 2)}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.After(ctx, k, 0, 100)
+	if err != nil || len(got) != 6 || got[1].UpstreamRun != "run1" || got[1].UpstreamSeq != 1 {
+		t.Fatalf("After = %+v, %v", got, err)
+	}
+}

@@ -20,7 +20,7 @@ type feed struct {
 	stop  context.CancelFunc
 	done  chan struct{} // closed when run returns
 
-	nsubs   int         // guarded by s.mu
+	nusers  int         // subscribers and holds; guarded by s.mu
 	stopped atomic.Bool // set by shutdown, under mu, before it kicks the live subscribers
 
 	mu     sync.Mutex
@@ -91,12 +91,29 @@ func (f *feed) run() {
 			return
 		}
 	}
+	up := f.s.opts.Upstream
 	for {
+		tick := false
 		select {
 		case <-f.wake:
 		case <-t.C:
+			tick = true
 		case <-f.ctx.Done():
 			return
+		}
+		if tick && up != nil {
+			// A failed pull still lets the poll below deliver what the
+			// Source has; the next tick pulls again.
+			if err := up.Pull(f.ctx, f.key); err != nil && f.ctx.Err() == nil {
+				f.s.Metrics.pollErrors.Inc()
+				log.Error("feed pull", "err", err)
+			}
+			// The pull's own commit poked the feed; the poll below reads
+			// that commit anyway.
+			select {
+			case <-f.wake:
+			default:
+			}
 		}
 		if err := f.poll(); err != nil && f.ctx.Err() == nil {
 			f.s.Metrics.pollErrors.Inc()

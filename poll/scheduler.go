@@ -34,6 +34,18 @@ type Source interface {
 	PrunedThrough(ctx context.Context, k model.AgentKey) (int64, error)
 }
 
+// Upstream is another writer's buffer that feeds pull from, such as an
+// agent container's ring of recent events. On each poll interval, before a
+// feed reads its Source, it calls Pull, which copies the agent's new events
+// from the upstream into the Source (persisting them, each once): so they
+// reach subscribers in the Source's order, after they are durable, and are
+// there for late joiners. Pull is called only on the interval, never for a
+// local commit's notify, so an upstream sees one request per active agent
+// per interval however many watch it.
+type Upstream interface {
+	Pull(ctx context.Context, k model.AgentKey) error
+}
+
 // ErrClosed is returned by Subscription.Next after the scheduler is closed.
 var ErrClosed = errors.New("poll: scheduler closed")
 
@@ -43,6 +55,7 @@ type Options struct {
 	QueueLen int           // live items a subscriber may hold unread; default 64
 	RingLen  int           // recent items a feed keeps for catching up; default 1024
 	PageSize int           // events per Source read; default 1000
+	Upstream Upstream      // pulled on each interval; nil: none
 	Logger   *slog.Logger
 }
 
@@ -118,21 +131,10 @@ func (s *Scheduler) Subscribe(ctx context.Context, k model.AgentKey, afterID int
 // any time and possibly under the feed's lock: it must return at once and
 // must not call back into the subscription.
 func (s *Scheduler) SubscribeFunc(ctx context.Context, k model.AgentKey, afterID int64, ready func()) (*Subscription, error) {
-	k = feedKey(k)
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
-		return nil, ErrClosed
+	f, err := s.acquire(k)
+	if err != nil {
+		return nil, err
 	}
-	f := s.feeds[k]
-	if f == nil {
-		f = newFeed(s, k)
-		s.feeds[k] = f
-		s.Metrics.feeds.Inc()
-		go f.run()
-	}
-	f.nsubs++
-	s.mu.Unlock()
 	s.Metrics.subscribers.Inc()
 
 	sub := &Subscription{
@@ -147,16 +149,47 @@ func (s *Scheduler) SubscribeFunc(ctx context.Context, k model.AgentKey, afterID
 	return sub, nil
 }
 
-// release drops one subscriber of f and stops f when it was the last.
+// Hold keeps k's feed running, with or without subscribers, until release
+// is called (once; later calls do nothing). It is for agents an upstream
+// reports running: their events are pulled and persisted whether or not
+// anyone watches.
+func (s *Scheduler) Hold(k model.AgentKey) (release func(), err error) {
+	f, err := s.acquire(feedKey(k))
+	if err != nil {
+		return nil, err
+	}
+	var once sync.Once
+	return func() { once.Do(func() { s.release(f) }) }, nil
+}
+
+// acquire returns k's feed, started if need be, with one more user.
+func (s *Scheduler) acquire(k model.AgentKey) (*feed, error) {
+	k = feedKey(k)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, ErrClosed
+	}
+	f := s.feeds[k]
+	if f == nil {
+		f = newFeed(s, k)
+		s.feeds[k] = f
+		s.Metrics.feeds.Inc()
+		go f.run()
+	}
+	f.nusers++
+	return f, nil
+}
+
+// release drops one user of f and stops f when it was the last.
 func (s *Scheduler) release(f *feed) {
 	s.mu.Lock()
-	f.nsubs--
-	last := f.nsubs == 0 && s.feeds[f.key] == f
+	f.nusers--
+	last := f.nusers == 0 && s.feeds[f.key] == f
 	if last {
 		delete(s.feeds, f.key)
 	}
 	s.mu.Unlock()
-	s.Metrics.subscribers.Dec()
 	if last {
 		s.Metrics.feeds.Dec()
 		f.shutdown()

@@ -643,3 +643,96 @@ func TestReadyDrivenSubscribers(t *testing.T) {
 		t.Fatalf("after Close: %v, want ErrClosed", r.err)
 	}
 }
+
+// queueUpstream is an Upstream whose pending events are appended to the
+// store on Pull, as a relay from a container does.
+type queueUpstream struct {
+	store *model.Store
+	mu    sync.Mutex
+	queue map[string][]model.Event
+	pulls map[string]int
+}
+
+func (u *queueUpstream) push(agent string, n int) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for range n {
+		u.queue[agent] = append(u.queue[agent], model.Event{TownID: "t", RigID: "r", AgentID: agent, Type: "up", Data: json.RawMessage(`{}`)})
+	}
+}
+
+func (u *queueUpstream) Pull(ctx context.Context, k model.AgentKey) error {
+	u.mu.Lock()
+	evs := u.queue[k.Agent]
+	delete(u.queue, k.Agent)
+	u.pulls[k.Agent]++
+	u.mu.Unlock()
+	return u.store.Append(ctx, evs)
+}
+
+func (u *queueUpstream) pullCount(agent string) int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.pulls[agent]
+}
+
+// TestHoldPullsUpstream: a held agent's upstream events are persisted with
+// nobody watching; subscribers get them in order from one feed; the feed
+// stops only when the hold and every subscriber are gone.
+func TestHoldPullsUpstream(t *testing.T) {
+	u := &queueUpstream{queue: map[string][]model.Event{}, pulls: map[string]int{}}
+	e := newEnv(t, model.Options{}, Options{Interval: 5 * time.Millisecond, Upstream: u})
+	u.store = e.store
+	ignore := goleak.IgnoreCurrent()
+
+	release, err := e.sched.Hold(key("a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.push("a", 3)
+	waitFor(t, "held agent's events in the store", func() bool { return len(e.allIDs(t, "a")) == 3 })
+
+	var subs []*Subscription
+	for range 3 {
+		sub, err := e.sched.Subscribe(context.Background(), key("a"), 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		subs = append(subs, sub)
+	}
+	if n := e.sched.ActiveFeeds(); n != 1 {
+		t.Fatalf("%d feeds for one held and watched agent", n)
+	}
+	u.push("a", 5)
+	waitFor(t, "the next pull", func() bool { return len(e.allIDs(t, "a")) == 8 })
+	e.append(t, "a", "end", 1)
+	want := e.allIDs(t, "a")
+	for i, sub := range subs {
+		got, err := readUntil(t, sub, nil)
+		if err != nil || !slices.Equal(got, want) {
+			t.Fatalf("subscriber %d got %v, %v; want %v", i, got, err, want)
+		}
+	}
+	// An agent nobody holds is never pulled.
+	if n := u.pullCount("b"); n != 0 {
+		t.Fatalf("agent b pulled %d times", n)
+	}
+
+	release()
+	release() // a second call does nothing
+	if n := e.sched.ActiveFeeds(); n != 1 {
+		t.Fatal("feed stopped while watched")
+	}
+	for _, sub := range subs {
+		sub.Close()
+	}
+	if n := e.sched.ActiveFeeds(); n != 0 {
+		t.Fatalf("%d feeds after the hold and every subscriber left", n)
+	}
+	goleak.VerifyNone(t, ignore)
+	pulls := u.pullCount("a")
+	u.push("a", 1)
+	if got := u.pullCount("a"); got != pulls {
+		t.Fatalf("pulled with no feed: %d -> %d", pulls, got)
+	}
+}

@@ -226,6 +226,7 @@ func (s *Subscription) close() {
 		f.removeLive(s)
 		f.mu.Unlock()
 		s.wakeUp()
+		f.s.Metrics.subscribers.Dec()
 		f.s.release(f)
 	})
 }

@@ -19,7 +19,7 @@ const (
 	MaxBodyBytes = 1 << 20  // a request body
 	MaxDataBytes = 64 << 10 // one event's data, compacted
 	MaxBatch     = 1000     // events in one request
-	MaxTypeLen   = 128
+	MaxTypeLen   = model.MaxTypeLen
 	MaxIDLen     = 128 // agent ids
 )
 
@@ -104,20 +104,7 @@ func checkInput(e *Input) *apiError {
 }
 
 // checkType returns why typ is not a valid event type, or "".
-func checkType(typ string) string {
-	if typ == "" {
-		return "type is required: 1 to 128 characters of a-z, 0-9, '.', '_' and '-'."
-	}
-	if len(typ) > MaxTypeLen {
-		return fmt.Sprintf("type is %d characters; at most %d are allowed.", len(typ), MaxTypeLen)
-	}
-	for _, c := range []byte(typ) {
-		if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
-			return fmt.Sprintf("type %q has a character outside a-z, 0-9, '.', '_' and '-'.", typ)
-		}
-	}
-	return ""
-}
+func checkType(typ string) string { return model.CheckType(typ) }
 
 // jsonError turns a decoding error into the API's words for it.
 func jsonError(err error) *apiError {
