@@ -23,6 +23,7 @@ import (
 
 	"github.com/agentstream/agentstream/model"
 	"github.com/agentstream/agentstream/server"
+	"github.com/agentstream/agentstream/server/container"
 	"github.com/agentstream/agentstream/transport"
 )
 
@@ -36,11 +37,16 @@ const usage = `agentstream: watch AI agents work, live.
 Usage:
   agentstream serve  [--addr 127.0.0.1:8080] [--data ./agentstream-data] [--db URL] [--demo]
                      [--tls-cert F --tls-key F] [--origin URL ...]
+                     [--upstream URL --upstream-town T --upstream-rig R]
+  agentstream container [--addr 127.0.0.1:8090] [--grace 10s] [--ttl 5m]
+  agentstream run   --rig R --agent A [--server URL] [--token T | --town T --data DIR] -- COMMAND [ARG...]
   agentstream token agent  --town T --rig R --agent A [--ttl 24h] [--data DIR]
   agentstream token viewer --town T [--ttl 24h] [--data DIR]
   agentstream tail  --town T --agent A [--server URL] [--after N] [--json] [--token T | --data DIR]
 
 Every flag also reads AGENTSTREAM_<FLAG> from the environment; a flag wins.
+The container's secret is AGENTSTREAM_CONTAINER_SECRET, for container and
+for serve --upstream.
 Run "agentstream COMMAND -h" for a command's flags.
 `
 
@@ -82,6 +88,10 @@ func dispatch(args []string, stdout, stderr io.Writer) error {
 		return cmdToken(args[1:], stdout, stderr)
 	case "tail":
 		return cmdTail(args[1:], stdout, stderr)
+	case "container":
+		return cmdContainer(args[1:], stderr)
+	case "run":
+		return cmdRun(args[1:], stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil
@@ -138,6 +148,9 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	var origins listFlag
 	fs.Var(&origins, "origin", "an origin (scheme://host[:port]) allowed to open WebSocket streams besides the server's own; repeatable, or comma-separated")
 	demo := fs.Bool("demo", false, "replay recorded agent sessions in town \"demo\" and print a dashboard link")
+	upstream := fs.String("upstream", "", "an agent container's control API (agentstream container) to relay agents from, e.g. http://127.0.0.1:8090")
+	upTown := fs.String("upstream-town", "", "town the upstream container's agents belong to")
+	upRig := fs.String("upstream-rig", "", "rig the upstream container's agents belong to")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -151,11 +164,23 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	if (*tlsCert == "") != (*tlsKey == "") {
 		return usageError{"--tls-cert and --tls-key go together"}
 	}
+	if *upstream != "" {
+		if *upTown == "" || *upRig == "" {
+			return usageError{"--upstream needs --upstream-town and --upstream-rig"}
+		}
+		if os.Getenv(container.SecretEnv) == "" {
+			return usageError{"--upstream needs the container's secret in " + container.SecretEnv}
+		}
+		if u, err := url.Parse(*upstream); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return usageError{fmt.Sprintf("--upstream %q is not an http(s) URL", *upstream)}
+		}
+	}
 	log, err := newLogger(*logFormat, stderr)
 	if err != nil {
 		return err
 	}
 	cfg := server.Config{
+		Upstream: *upstream, UpstreamSecret: os.Getenv(container.SecretEnv), UpstreamTown: *upTown, UpstreamRig: *upRig,
 		Addr: *addr, DataDir: *data, DB: *db, Retain: *retain, PollInterval: *pollEvery,
 		WriteTimeout: *writeTimeout, Keepalive: *keepalive, Origins: origins,
 		TLSCert: *tlsCert, TLSKey: *tlsKey,
@@ -169,6 +194,31 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	return server.Serve(ctx, cfg)
+}
+
+func cmdContainer(args []string, stderr io.Writer) error {
+	fs := newFlags("container", stderr)
+	addr := fs.String("addr", "127.0.0.1:8090", "listen address of the control API")
+	grace := fs.Duration("grace", 10*time.Second, "time from SIGTERM to SIGKILL when an agent is stopped")
+	ttl := fs.Duration("ttl", 5*time.Minute, "how long an exited agent's events are kept")
+	logFormat := fs.String("log-format", "text", "log format: text or json")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	secret := os.Getenv(container.SecretEnv)
+	if secret == "" {
+		return usageError{"container needs a bearer secret in " + container.SecretEnv}
+	}
+	if *grace <= 0 || *ttl <= 0 {
+		return usageError{"--grace and --ttl must be positive"}
+	}
+	log, err := newLogger(*logFormat, stderr)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return container.Serve(ctx, *addr, secret, container.Options{Grace: *grace, TTL: *ttl, Log: log}, nil)
 }
 
 // listFlag is a repeatable flag whose values may also be comma-separated
@@ -325,3 +375,5 @@ func cmdTail(args []string, stdout, stderr io.Writer) error {
 	}
 	return err
 }
+
+func cmdRun(args []string, stdout, stderr io.Writer) error { return usageError{"run: not yet"} }

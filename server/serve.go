@@ -14,6 +14,7 @@ import (
 
 	"github.com/agentstream/agentstream/model"
 	"github.com/agentstream/agentstream/poll"
+	"github.com/agentstream/agentstream/server/container"
 	"github.com/agentstream/agentstream/transport"
 )
 
@@ -38,7 +39,16 @@ type Config struct {
 	// Demo, when set, replays these sessions as live agents of DemoTown.
 	Demo [][]RecordedEvent
 
-	ShutdownTimeout time.Duration // for in-flight requests; default 10 s
+	// Upstream, when set, is an agent container's control API (`agentstream
+	// container`) whose agents are relayed into the store as agents of
+	// UpstreamTown and UpstreamRig (see Relay).
+	Upstream       string
+	UpstreamSecret string
+	UpstreamTown   string
+	UpstreamRig    string
+
+	ShutdownTimeout time.Duration  // for in-flight requests; default 10 s
+	Ready           func(net.Addr) // called once listening, with the address
 	Log             *slog.Logger
 	Out             io.Writer // where the dashboard link is printed
 }
@@ -67,7 +77,14 @@ func Serve(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer store.Close()
-	sched := poll.New(store, poll.Options{Interval: cfg.PollInterval, Logger: log})
+	popts := poll.Options{Interval: cfg.PollInterval, Logger: log}
+	var relay *Relay
+	if cfg.Upstream != "" {
+		client := &container.Client{URL: cfg.Upstream, Secret: cfg.UpstreamSecret, HTTP: &http.Client{Timeout: 10 * time.Second}}
+		relay = NewRelay(client, store, cfg.UpstreamTown, cfg.UpstreamRig, log)
+		popts.Upstream = relay
+	}
+	sched := poll.New(store, popts)
 	defer sched.Close()
 
 	ln, err := net.Listen("tcp", cfg.Addr)
@@ -83,12 +100,18 @@ func Serve(ctx context.Context, cfg Config) error {
 	api := New(store, sched, auth, Options{Log: log, WriteTimeout: cfg.WriteTimeout, Keepalive: cfg.Keepalive,
 		Origins: cfg.Origins, Poller: poller})
 	srv := newHTTPServer(api, log)
+	if relay != nil {
+		api.metrics.reg.MustRegister(relay.Collectors()...)
+	}
 	addr := ln.Addr().String()
 	scheme := "http"
 	if cfg.TLSCert != "" {
 		scheme = "https"
 	}
 	log.Info("listening", "addr", addr, "url", scheme+"://"+addr+"/", "db", dsn)
+	if cfg.Ready != nil {
+		cfg.Ready(ln.Addr())
+	}
 
 	var wg sync.WaitGroup
 	bgCtx, stopBackground := context.WithCancel(ctx) // the demo and the ticket sweeper
@@ -110,6 +133,14 @@ func Serve(ctx context.Context, cfg Config) error {
 	}
 
 	wg.Go(func() { sweepTickets(bgCtx, store, log) })
+	if relay != nil {
+		interval := cfg.PollInterval
+		if interval <= 0 {
+			interval = 500 * time.Millisecond
+		}
+		log.Info("relaying upstream container", "upstream", cfg.Upstream, "town", cfg.UpstreamTown, "rig", cfg.UpstreamRig)
+		wg.Go(func() { relay.Watch(bgCtx, sched, interval) })
+	}
 
 	serveErr := make(chan error, 1)
 	go func() {

@@ -404,7 +404,7 @@ func TestBadRequests(t *testing.T) {
 		{"word after", "GET", "/agents/a/events?after=abc", "", "", "", 400, "invalid_cursor"},
 		{"huge after", "GET", "/agents/a/events?after=99999999999999999999", "", "", "", 400, "invalid_cursor"},
 		{"zero limit", "GET", "/agents/a/events?limit=0", "", "", "", 400, "invalid_limit"},
-		{"big limit", "GET", "/agents/a/events?limit=501", "", "", "", 400, "invalid_limit"},
+		{"big limit", "GET", "/agents/a/events?limit=1001", "", "", "", 400, "invalid_limit"},
 		{"events no secret", "GET", "/agents/a/events", "", "", "", 401, "unauthorized"},
 		{"no route", "PUT", "/agents", "", "", "", 404, "not_found"},
 	} {

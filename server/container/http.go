@@ -13,8 +13,10 @@ import (
 	"strings"
 )
 
-// maxBody bounds a POST /agents body.
-const maxBody = 1 << 20
+const (
+	maxBody  = 1 << 20 // a POST /agents body
+	maxLimit = 1000    // events in one page; the ring is usually smaller
+)
 
 // Handler returns the control API (DESIGN.md, "Container control API"):
 //
@@ -104,9 +106,10 @@ func (c *Container) handleEvents(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "invalid_cursor", "after must be an integer >= 0.")
 		return
 	}
-	limit, err := intParam(q.Get("limit"), int64(c.opts.RingLen), 1, int64(c.opts.RingLen))
+	// A limit past the ring is no error: a client need not know its size.
+	limit, err := intParam(q.Get("limit"), maxLimit, 1, maxLimit)
 	if err != nil {
-		writeError(w, http.StatusBadRequest, "invalid_limit", fmt.Sprintf("limit must be an integer from 1 to %d.", c.opts.RingLen))
+		writeError(w, http.StatusBadRequest, "invalid_limit", fmt.Sprintf("limit must be an integer from 1 to %d.", maxLimit))
 		return
 	}
 	writeJSON(w, http.StatusOK, c.Events(r.PathValue("id"), after, int(limit)))

@@ -1,0 +1,290 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/agentstream/agentstream/model"
+	"github.com/agentstream/agentstream/server/container"
+	"github.com/agentstream/agentstream/transport"
+)
+
+const relaySecret = "relay-test-container-secret"
+
+// upstreamEnv is a real container control API on 127.0.0.1 and a real
+// `serve --upstream` in front of it, which a test can stop and start again
+// on the same address and data directory.
+type upstreamEnv struct {
+	t        *testing.T
+	c        *container.Container
+	client   *container.Client
+	dir      string
+	addr     string
+	secret   string
+	interval time.Duration
+	stop     func()
+}
+
+func newUpstreamEnv(t *testing.T, copts container.Options) *upstreamEnv {
+	t.Helper()
+	copts.Log = slog.New(slog.DiscardHandler)
+	c := container.New(copts)
+	cs := httptest.NewServer(c.Handler(relaySecret))
+	e := &upstreamEnv{
+		t: t, c: c, client: &container.Client{URL: cs.URL, Secret: relaySecret},
+		dir: t.TempDir(), addr: "127.0.0.1:0", secret: strings.Repeat("s", 32), interval: 50 * time.Millisecond,
+	}
+	t.Cleanup(func() {
+		if e.stop != nil {
+			e.stop()
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		c.Close(ctx)
+		cs.Close()
+	})
+	return e
+}
+
+// serve starts agentstream serve --upstream; stop ends it as SIGTERM would.
+func (e *upstreamEnv) serve() {
+	e.t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	ready := make(chan net.Addr, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- Serve(ctx, Config{
+			Addr: e.addr, DataDir: e.dir, Secret: e.secret, PollInterval: e.interval,
+			Upstream: e.client.URL, UpstreamSecret: relaySecret, UpstreamTown: "t1", UpstreamRig: "r1",
+			Log: slog.New(slog.DiscardHandler), Ready: func(a net.Addr) { ready <- a },
+		})
+	}()
+	select {
+	case a := <-ready:
+		e.addr = a.String()
+	case err := <-done:
+		e.t.Fatalf("serve: %v", err)
+	}
+	e.stop = func() {
+		cancel()
+		if err := <-done; err != nil {
+			e.t.Errorf("serve: %v", err)
+		}
+		e.stop = nil
+	}
+}
+
+func (e *upstreamEnv) viewer() string {
+	auth, err := NewAuth([]byte(e.secret))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	tok, err := auth.MintViewer("t1", time.Hour)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return tok
+}
+
+// stored reads every event of agent through the read API.
+func (e *upstreamEnv) stored(agent string) []model.Event {
+	e.t.Helper()
+	var all []model.Event
+	var after int64
+	for {
+		req, _ := http.NewRequest("GET", fmt.Sprintf("http://%s/api/rigs/r1/agents/%s/events?after_id=%d&limit=1000", e.addr, agent, after), nil)
+		req.Header.Set("Authorization", "Bearer "+e.viewer())
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		var page struct {
+			Events  []model.Event `json:"events"`
+			HasMore bool          `json:"has_more"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&page)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != 200 {
+			e.t.Fatalf("read events: %d %v", resp.StatusCode, err)
+		}
+		all = append(all, page.Events...)
+		if !page.HasMore {
+			return all
+		}
+		after = page.Events[len(page.Events)-1].ID
+	}
+}
+
+func (e *upstreamEnv) startAgent(id string, command ...string) {
+	e.t.Helper()
+	if _, err := e.client.Start(context.Background(), container.StartRequest{AgentID: id, Command: command}); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+func testScript(t *testing.T, name string) string {
+	p, err := filepath.Abs(filepath.Join("..", "testdata", "container", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// checkRelayed checks that evs are the paced.sh session of n steps, each
+// step and line once and in order, then agent.exited.
+func checkRelayed(t *testing.T, evs []model.Event, n int, reason string) {
+	t.Helper()
+	var got []string
+	for i, ev := range evs {
+		if i > 0 && ev.ID <= evs[i-1].ID {
+			t.Fatalf("id %d after %d", ev.ID, evs[i-1].ID)
+		}
+		got = append(got, ev.Type+" "+string(ev.Data))
+	}
+	var want []string
+	for i := 1; i <= n; i++ {
+		want = append(want, fmt.Sprintf(`step {"n":%d}`, i))
+		if i%10 == 0 {
+			want = append(want, fmt.Sprintf(`output.line {"stream":"stdout","line":"done %d"}`, i))
+		}
+	}
+	want = append(want, fmt.Sprintf(`agent.exited {"reason":%q,"exit_code":0}`, reason))
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("relayed %d events, want %d:\n%s", len(got), len(want), diffLines(got, want))
+	}
+}
+
+// diffLines shows the first place two event lists differ.
+func diffLines(got, want []string) string {
+	for i := range min(len(got), len(want)) {
+		if got[i] != want[i] {
+			return fmt.Sprintf("at %d: got %s, want %s", i, got[i], want[i])
+		}
+	}
+	return fmt.Sprintf("one is a prefix of the other; got %d, want %d", len(got), len(want))
+}
+
+// TestRelayEndToEnd: a process in the container, serve --upstream, and an
+// SSE client: the client sees the process's events in order, then
+// agent.exited, then the stream ends. serve restarts twice while the agent
+// runs; agent_events holds every event once.
+func TestRelayEndToEnd(t *testing.T) {
+	e := newUpstreamEnv(t, container.Options{})
+	e.serve()
+	const n = 150
+
+	var mu sync.Mutex
+	var seen []model.Event
+	count := func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(seen)
+	}
+	followed := make(chan error, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	viewer := e.viewer()
+	go func() {
+		followed <- transport.Follow(ctx, transport.FollowOptions{
+			URL:   "http://" + e.addr + "/api/towns/t1/container/agents/a1/stream",
+			Token: viewer,
+			OnEvent: func(id int64, data []byte) bool {
+				var ev model.Event
+				if err := json.Unmarshal(data, &ev); err != nil {
+					t.Error(err)
+				}
+				mu.Lock()
+				seen = append(seen, ev)
+				mu.Unlock()
+				return false // the server ends the stream, not the client
+			},
+		})
+	}()
+	// The stream is open before the agent exists: it waits.
+	e.startAgent("a1", "sh", testScript(t, "paced.sh"), fmt.Sprint(n), "0.01")
+
+	for _, at := range []int{20, 80} {
+		waitUntil(t, fmt.Sprintf("%d events through the relay", at), func() bool { return count() >= at })
+		e.stop()
+		e.serve() // same address and data; the agent went on writing meanwhile
+	}
+	select {
+	case err := <-followed:
+		if !errors.Is(err, transport.ErrEnded) {
+			t.Fatalf("follow ended with %v, want the stream's end (204 on resume)", err)
+		}
+	case <-ctx.Done():
+		t.Fatalf("stream still open after %d events", count())
+	}
+	mu.Lock()
+	checkRelayed(t, seen, n, "completed")
+	mu.Unlock()
+	checkRelayed(t, e.stored("a1"), n, "completed")
+}
+
+// TestRelayPersistsUnwatched: agents the container reports running are
+// stored with nobody watching, and a late joiner gets the whole session —
+// including what they wrote while serve was down.
+func TestRelayPersistsUnwatched(t *testing.T) {
+	e := newUpstreamEnv(t, container.Options{})
+	e.startAgent("early", "sh", testScript(t, "paced.sh"), "30", "0")
+	e.serve()
+	waitUntil(t, "the unwatched agent stored", func() bool {
+		evs := e.stored("early")
+		return len(evs) > 0 && evs[len(evs)-1].Type == model.TypeExited
+	})
+	checkRelayed(t, e.stored("early"), 30, "completed")
+
+	e.stop()
+	e.startAgent("while-down", "sh", testScript(t, "paced.sh"), "20", "0")
+	waitUntil(t, "the agent to exit while serve is down", func() bool {
+		p, err := e.client.Events(context.Background(), "while-down", 0, 0)
+		return err == nil && p.State == container.StateExited
+	})
+	e.serve()
+	waitUntil(t, "the agent that ran while serve was down", func() bool {
+		evs := e.stored("while-down")
+		return len(evs) > 0 && evs[len(evs)-1].Type == model.TypeExited
+	})
+	checkRelayed(t, e.stored("while-down"), 20, "completed")
+	checkRelayed(t, e.stored("early"), 30, "completed") // not stored again
+}
+
+// TestRelayReportsRingGap: when the container's ring dropped events the
+// relay never read, the store says so with an upstream.gap event, once.
+func TestRelayReportsRingGap(t *testing.T) {
+	e := newUpstreamEnv(t, container.Options{RingLen: 50})
+	e.startAgent("fast", "sh", testScript(t, "paced.sh"), "100", "0")
+	waitUntil(t, "the agent to exit", func() bool {
+		p, err := e.client.Events(context.Background(), "fast", 0, 0)
+		return err == nil && p.State == container.StateExited
+	})
+	p, err := e.client.Events(context.Background(), "fast", 0, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.serve()
+	waitUntil(t, "the ring relayed", func() bool {
+		evs := e.stored("fast")
+		return len(evs) > 0 && evs[len(evs)-1].Type == model.TypeExited
+	})
+	evs := e.stored("fast")
+	// 100 steps, 10 lines and the exit make 111; the ring held the last 50.
+	if len(evs) != 51 || evs[0].Type != TypeUpstreamGap || string(evs[0].Data) != fmt.Sprintf(`{"first_lost_seq":1,"last_lost_seq":61,"run":%q}`, p.Run) {
+		t.Fatalf("%d events, first %s %s", len(evs), evs[0].Type, evs[0].Data)
+	}
+	if evs[1].Type != "step" || string(evs[1].Data) != `{"n":57}` {
+		t.Fatalf("first relayed after the gap: %s %s", evs[1].Type, evs[1].Data)
+	}
+}
