@@ -64,9 +64,12 @@ func main() {
 func run(args []string, stdout, stderr io.Writer) int {
 	err := dispatch(args, stdout, stderr)
 	var ue usageError
+	var status exitStatus
 	switch {
 	case err == nil, errors.Is(err, flag.ErrHelp):
 		return 0
+	case errors.As(err, &status):
+		return int(status)
 	case errors.As(err, &ue):
 		fmt.Fprintf(stderr, "agentstream: %s\n", ue.msg)
 		return 2
@@ -111,14 +114,21 @@ func newFlags(name string, stderr io.Writer) *flag.FlagSet {
 // from AGENTSTREAM_<NAME> (upper case, '-' as '_'), so a flag wins over its
 // variable.
 func parse(fs *flag.FlagSet, args []string) error {
+	rest, err := parseArgs(fs, args)
+	if err == nil && len(rest) > 0 {
+		return usageError{fmt.Sprintf("unexpected argument %q", rest[0])}
+	}
+	return err
+}
+
+// parseArgs is parse for a command that takes arguments after its flags
+// (run's command, after "--"); it returns them.
+func parseArgs(fs *flag.FlagSet, args []string) ([]string, error) {
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			return err
+			return nil, err
 		}
-		return usageError{err.Error()}
-	}
-	if fs.NArg() > 0 {
-		return usageError{fmt.Sprintf("unexpected argument %q", fs.Arg(0))}
+		return nil, usageError{err.Error()}
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
@@ -131,7 +141,7 @@ func parse(fs *flag.FlagSet, args []string) error {
 			}
 		}
 	})
-	return err
+	return fs.Args(), err
 }
 
 func cmdServe(args []string, stdout, stderr io.Writer) error {
@@ -376,4 +386,59 @@ func cmdTail(args []string, stdout, stderr io.Writer) error {
 	return err
 }
 
-func cmdRun(args []string, stdout, stderr io.Writer) error { return usageError{"run: not yet"} }
+// exitStatus is an exit status passed through from a command `run` wrapped.
+type exitStatus int
+
+func (e exitStatus) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
+
+func cmdRun(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("run", stderr)
+	rig := fs.String("rig", "", "rig of the agent")
+	agent := fs.String("agent", "", "agent id to post as")
+	srv := fs.String("server", "http://127.0.0.1:8080", "server base URL")
+	token := fs.String("token", "", "agent token (default: minted for --town, --rig and --agent from the secret in --data)")
+	town := fs.String("town", "", "town of the agent, to mint a token when no --token is given")
+	data := fs.String("data", "./agentstream-data", "data directory holding the server's secret, when no --token is given")
+	command, err := parseArgs(fs, args)
+	if err != nil {
+		return err
+	}
+	if *rig == "" || *agent == "" {
+		return usageError{"run needs --rig and --agent"}
+	}
+	if len(command) == 0 {
+		return usageError{"run needs a command after --"}
+	}
+	if *token == "" {
+		if *town == "" {
+			return usageError{"run needs --token, or --town to mint one from the secret in --data"}
+		}
+		auth, err := loadAuth(*data)
+		if err != nil {
+			return fmt.Errorf("no --token, and no secret to mint one: %w", err)
+		}
+		if *token, err = auth.MintAgent(*town, *rig, *agent, 24*time.Hour); err != nil {
+			return err
+		}
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	sink := &server.IngestClient{URL: *srv, Token: *token, Rig: *rig,
+		OnRetry: func(err error, wait time.Duration) {
+			fmt.Fprintf(stderr, "agentstream: posting events failed, retrying in %s: %v\n", wait.Round(time.Millisecond), err)
+		}}
+	exit, err := container.Run(ctx, container.RunOptions{
+		Command: command, Sink: sink, MaxData: server.MaxDataBytes, MaxBatch: server.MaxBatch,
+		Stdin: os.Stdin, Stdout: stdout, Stderr: stderr,
+	})
+	if errors.Is(err, container.ErrBadRequest) {
+		return usageError{err.Error()}
+	}
+	if err != nil {
+		return fmt.Errorf("events of %s not all delivered: %w", *agent, err)
+	}
+	if exit.ExitCode != 0 {
+		return exitStatus(max(1, min(exit.ExitCode, 255)))
+	}
+	return nil
+}

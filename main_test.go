@@ -75,6 +75,13 @@ func startServerAt(t *testing.T, bin, data, addr string) *serveProc {
 	t.Helper()
 	cmd := exec.Command(bin, "serve", "--addr", addr, "--data", data, "--log-format", "json")
 	cmd.Env = cleanEnv()
+	return startListening(t, cmd, "listening")
+}
+
+// startListening starts cmd, which logs JSON, and waits for its log line
+// msg to say where it listens.
+func startListening(t *testing.T, cmd *exec.Cmd, msg string) *serveProc {
+	t.Helper()
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -88,7 +95,7 @@ func startServerAt(t *testing.T, bin, data, addr string) *serveProc {
 		sc := bufio.NewScanner(stderr)
 		for sc.Scan() {
 			var line struct{ Msg, Addr string }
-			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "listening" {
+			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == msg {
 				addrc <- line.Addr
 			}
 		}
@@ -103,9 +110,9 @@ func startServerAt(t *testing.T, bin, data, addr string) *serveProc {
 	case a := <-addrc:
 		s.base = "http://" + a
 	case <-s.done:
-		t.Fatalf("serve exited before listening: %v", s.err)
+		t.Fatalf("%s exited before listening: %v", cmd.Args[1], s.err)
 	case <-time.After(60 * time.Second):
-		t.Fatal("serve did not report its address within 60 s")
+		t.Fatalf("%s did not report its address within 60 s", cmd.Args[1])
 	}
 	return s
 }

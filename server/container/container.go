@@ -18,7 +18,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"sort"
 	"strings"
 	"sync"
@@ -200,45 +199,25 @@ func (c *Container) Start(req StartRequest) (AgentInfo, error) {
 	rand.Read(raw[:])
 	a := &agent{id: req.AgentID, run: hex.EncodeToString(raw[:]), done: make(chan struct{}), ring: newRing(c.opts.RingLen)}
 
-	cmd := exec.Command(req.Command[0], req.Command[1:]...)
-	cmd.Dir = req.Dir
-	cmd.Env = append([]string(nil), c.opts.Env...)
+	env := append([]string(nil), c.opts.Env...)
 	keys := make([]string, 0, len(req.Env))
 	for k := range req.Env {
 		keys = append(keys, k)
 	}
 	sort.Strings(keys)
 	for _, k := range keys {
-		cmd.Env = append(cmd.Env, k+"="+req.Env[k])
+		env = append(env, k+"="+req.Env[k])
 	}
-	cmd.Env = append(cmd.Env, "AGENTSTREAM_AGENT_ID="+a.id, "AGENTSTREAM_RUN="+a.run)
-	cmd.SysProcAttr = groupAttr()
-	// Pipes of our own rather than cmd.StdoutPipe: Wait then returns when
-	// the process exits, even if a child it left holds the pipes.
-	outR, outW, err := os.Pipe()
+	env = append(env, "AGENTSTREAM_AGENT_ID="+a.id, "AGENTSTREAM_RUN="+a.run)
+	p, err := startProc(req.Command, req.Dir, env, nil, nil, nil)
 	if err != nil {
-		return AgentInfo{}, fmt.Errorf("stdout pipe: %w", err)
+		return AgentInfo{}, err
 	}
-	errR, errW, err := os.Pipe()
-	if err != nil {
-		outR.Close()
-		outW.Close()
-		return AgentInfo{}, fmt.Errorf("stderr pipe: %w", err)
-	}
-	cmd.Stdout, cmd.Stderr = outW, errW
-	err = cmd.Start()
-	outW.Close()
-	errW.Close()
-	if err != nil {
-		outR.Close()
-		errR.Close()
-		return AgentInfo{}, fmt.Errorf("%w: cannot start %q: %v", ErrBadRequest, req.Command[0], err)
-	}
-	a.pid = cmd.Process.Pid
+	a.pid = p.pid()
 	a.startedAt = c.opts.Now()
 	c.agents[a.id] = a
 	c.opts.Log.Info("agent started", "agent", a.id, "run", a.run, "pid", a.pid, "command", req.Command[0])
-	c.wg.Go(func() { c.supervise(a, cmd, outR, errR) })
+	c.wg.Go(func() { c.supervise(a, p) })
 	return a.info(), nil
 }
 
@@ -281,53 +260,19 @@ func checkID(id string) string {
 
 // supervise reads the process's output until it exits and its pipes are
 // drained, then adds agent.exited.
-func (c *Container) supervise(a *agent, cmd *exec.Cmd, outR, errR *os.File) {
-	var readers sync.WaitGroup
-	for stream, r := range map[string]*os.File{"stdout": outR, "stderr": errR} {
-		readers.Go(func() {
-			err := ScanLines(r, stream, MaxLine, func(l Line) { a.add(c.opts.Now(), l.Type, l.Data) })
-			if err != nil && !errors.Is(err, os.ErrClosed) {
-				c.opts.Log.Warn("agent output", "agent", a.id, "stream", stream, "err", err)
-			}
-		})
+func (c *Container) supervise(a *agent, p *proc) {
+	stopped := func() bool {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return a.stopping
 	}
-	waitErr := cmd.Wait()
-	drained := make(chan struct{})
-	go func() { readers.Wait(); close(drained) }()
-	select {
-	case <-drained:
-	case <-time.After(c.opts.Drain):
-		// Children of the agent still hold its pipes: what they write
-		// from now on is not the agent's.
-		outR.Close()
-		errR.Close()
-		<-drained
-	}
-	outR.Close()
-	errR.Close()
-
-	exit := ExitData{Reason: ReasonCompleted}
-	var ee *exec.ExitError
-	switch {
-	case waitErr == nil:
-	case errors.As(waitErr, &ee):
-		exit.ExitCode = ee.ExitCode()
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			exit.ExitCode = 128 + int(ws.Signal())
-			exit.Signal = ws.Signal().String()
-		}
-	default:
-		exit.ExitCode = -1
-	}
-	if exit.ExitCode != 0 {
-		exit.Reason = ReasonFailed
-	}
-	a.mu.Lock()
-	if a.stopping {
-		exit.Reason = ReasonStopped
+	exit, err := p.wait(c.opts.Drain, stopped, func(l Line) { a.add(c.opts.Now(), l.Type, l.Data) })
+	if err != nil {
+		c.opts.Log.Warn("agent output", "agent", a.id, "err", err)
 	}
 	data, _ := json.Marshal(exit)
 	now := c.opts.Now()
+	a.mu.Lock()
 	a.addLocked(now, model.TypeExited, data)
 	a.exited, a.exitedAt, a.exit = true, now, exit
 	a.mu.Unlock()

@@ -1,0 +1,215 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// tailProc runs `agentstream tail --json` of one agent and collects what it
+// prints until it exits.
+type tailProc struct {
+	cmd  *exec.Cmd
+	out  bytes.Buffer
+	err  bytes.Buffer
+	done chan error
+}
+
+func startTail(t *testing.T, bin, base, town, agent, data string) *tailProc {
+	t.Helper()
+	tp := &tailProc{done: make(chan error, 1)}
+	tp.cmd = exec.Command(bin, "tail", "--town", town, "--agent", agent, "--server", base, "--json", "--data", data)
+	tp.cmd.Env = cleanEnv()
+	tp.cmd.Stdout, tp.cmd.Stderr = &tp.out, &tp.err
+	if err := tp.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { tp.done <- tp.cmd.Wait() }()
+	t.Cleanup(func() { tp.cmd.Process.Kill() })
+	return tp
+}
+
+// events waits for tail to exit 0 (it does after agent.exited) and returns
+// the events it printed, checking that ids only grow.
+func (tp *tailProc) events(t *testing.T) []wireEvent {
+	t.Helper()
+	select {
+	case err := <-tp.done:
+		if err != nil {
+			t.Fatalf("tail: %v; stderr: %s", err, tp.err.String())
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatalf("tail did not end within 60 s; stderr: %s", tp.err.String())
+	}
+	var evs []wireEvent
+	sc := bufio.NewScanner(&tp.out)
+	for sc.Scan() {
+		var ev wireEvent
+		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+			t.Fatalf("tail printed %q: %v", sc.Text(), err)
+		}
+		if len(evs) > 0 && ev.ID <= evs[len(evs)-1].ID {
+			t.Fatalf("tail: id %d after %d", ev.ID, evs[len(evs)-1].ID)
+		}
+		evs = append(evs, ev)
+	}
+	return evs
+}
+
+// TestRunAndTail: `agentstream run -- sh -c ...` posts a command's output as
+// an agent's events and exits with the command's status; a tail of that
+// agent prints the same events, agent.exited last, and exits 0.
+func TestRunAndTail(t *testing.T) {
+	bin := buildBinary(t)
+	data := filepath.Join(t.TempDir(), "data")
+	s := startServer(t, bin, data)
+	const lines = 1500 // under the default retention of 2000
+	script := `echo '{"type":"session.started","data":{"model":"m"}}'
+echo 'oops' >&2
+i=0; while [ $i -lt ` + fmt.Sprint(lines) + ` ]; do echo "line $i"; i=$((i+1)); done
+echo '{"type":"tool.call","name":"ls"}'
+exit 3`
+	tail := startTail(t, bin, s.base, "t", "a", data)
+
+	cmd := exec.Command(bin, "run", "--town", "t", "--rig", "r", "--agent", "a", "--server", s.base, "--data", data, "--", "sh", "-c", script)
+	cmd.Env = cleanEnv()
+	var runOut, runErr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &runOut, &runErr
+	err := cmd.Run()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 3 {
+		t.Fatalf("run: %v, want the command's exit status 3; stderr: %s", err, runErr.String())
+	}
+	if !strings.Contains(runOut.String(), "line 1499\n") || runErr.String() != "oops\n" {
+		t.Fatalf("run did not pass the command's output through: %d bytes out, stderr %q", runOut.Len(), runErr.String())
+	}
+
+	got := tail.events(t)
+	var stdout []string
+	stderrLines := 0
+	for _, ev := range got {
+		if ev.Type == "output.line" && strings.Contains(string(ev.Data), `"stream":"stderr"`) {
+			stderrLines++ // its place among stdout's lines is up to the scheduler
+			continue
+		}
+		stdout = append(stdout, ev.Type+" "+string(ev.Data))
+	}
+	want := []string{`session.started {"model":"m"}`}
+	for i := range lines {
+		want = append(want, fmt.Sprintf(`output.line {"stream":"stdout","line":"line %d"}`, i))
+	}
+	want = append(want, `tool.call {"type":"tool.call","name":"ls"}`, `agent.exited {"reason":"failed","exit_code":3}`)
+	if stderrLines != 1 || strings.Join(stdout, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("tail saw %d events (%d on stderr), want %d", len(got), stderrLines, len(want)+1)
+	}
+	// What tail printed is what the server holds.
+	viewer := runCmd(t, bin, "token", "viewer", "--town", "t", "--data", data)
+	var stored []wireEvent
+	for after := int64(0); ; {
+		req, _ := http.NewRequest("GET", fmt.Sprintf("%s/api/rigs/r/agents/a/events?after_id=%d&limit=1000", s.base, after), nil)
+		req.Header.Set("Authorization", "Bearer "+viewer)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var page struct{ Events []wireEvent }
+		json.NewDecoder(resp.Body).Decode(&page)
+		resp.Body.Close()
+		if len(page.Events) == 0 {
+			break
+		}
+		stored = append(stored, page.Events...)
+		after = page.Events[len(page.Events)-1].ID
+	}
+	if len(stored) != len(got) {
+		t.Fatalf("server holds %d events, tail printed %d", len(stored), len(got))
+	}
+	for i := range stored {
+		if stored[i].ID != got[i].ID || string(stored[i].Data) != string(got[i].Data) {
+			t.Fatalf("event %d: server holds %+v, tail printed %+v", i, stored[i], got[i])
+		}
+	}
+	// Fast output went in batches, not a request per line.
+	if n := ingestRequests(t, s.base); n >= lines/4 {
+		t.Fatalf("%v ingest requests for %d lines", n, lines)
+	}
+}
+
+// ingestRequests reads the server's count of accepted ingest requests.
+func ingestRequests(t *testing.T, base string) float64 {
+	t.Helper()
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "agentstream_http_request_duration_seconds_count{") && strings.Contains(line, "agent-events") && strings.Contains(line, `code="201"`) {
+			var n float64
+			fmt.Sscan(line[strings.LastIndexByte(line, ' ')+1:], &n)
+			return n
+		}
+	}
+	t.Fatal("no ingest request count in /metrics")
+	return 0
+}
+
+// TestContainerAndUpstreamCommands: `agentstream container`, `agentstream
+// serve --upstream` and `agentstream tail`, as separate processes: an agent
+// started in the container reaches tail through the relay, in order, and
+// tail ends with its agent.exited.
+func TestContainerAndUpstreamCommands(t *testing.T) {
+	bin := buildBinary(t)
+	data := filepath.Join(t.TempDir(), "data")
+	const secret = "cli-test-container-secret"
+	env := append(cleanEnv(), "AGENTSTREAM_CONTAINER_SECRET="+secret)
+
+	cc := exec.Command(bin, "container", "--addr", "127.0.0.1:0", "--log-format", "json")
+	cc.Env = env
+	c := startListening(t, cc, "container listening")
+	sc := exec.Command(bin, "serve", "--addr", "127.0.0.1:0", "--data", data, "--log-format", "json",
+		"--upstream", c.base, "--upstream-town", "t", "--upstream-rig", "r", "--poll-interval", "100ms")
+	sc.Env = env
+	s := startListening(t, sc, "listening")
+
+	tail := startTail(t, bin, s.base, "t", "a1", data)
+	script, _ := filepath.Abs(filepath.Join("testdata", "container", "session.sh"))
+	body := fmt.Sprintf(`{"agent_id":"a1","command":["sh",%q,"3"]}`, script)
+	req, _ := http.NewRequest("POST", c.base+"/agents", strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+secret)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusCreated {
+		t.Fatalf("start agent: %d", resp.StatusCode)
+	}
+
+	got := tail.events(t)
+	var types []string
+	for _, ev := range got {
+		types = append(types, ev.Type)
+	}
+	last := got[len(got)-1]
+	if len(got) != 8 || types[0] != "session.started" || last.Type != "agent.exited" || string(last.Data) != `{"reason":"failed","exit_code":3}` {
+		t.Fatalf("tail saw %v, last %s", types, last.Data)
+	}
+	// The agent never saw the container's secret.
+	for _, ev := range got {
+		if ev.Type == "env" && !strings.Contains(string(ev.Data), `"secret":""`) {
+			t.Fatalf("the container's secret reached the agent: %s", ev.Data)
+		}
+	}
+}
