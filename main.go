@@ -161,6 +161,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	upstream := fs.String("upstream", "", "an agent container's control API (agentstream container) to relay agents from, e.g. http://127.0.0.1:8090")
 	upTown := fs.String("upstream-town", "", "town the upstream container's agents belong to")
 	upRig := fs.String("upstream-rig", "", "rig the upstream container's agents belong to")
+	upBusy := fs.Duration("upstream-busy-interval", 100*time.Millisecond, "time between pulls of an upstream agent whose last pull brought events (at most --poll-interval)")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -168,8 +169,8 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	if *retain < 1 {
 		return usageError{"--retain must be at least 1"}
 	}
-	if *pollEvery <= 0 || *writeTimeout <= 0 || *keepalive <= 0 {
-		return usageError{"--poll-interval, --write-timeout and --keepalive must be positive"}
+	if *pollEvery <= 0 || *writeTimeout <= 0 || *keepalive <= 0 || *upBusy <= 0 {
+		return usageError{"--poll-interval, --upstream-busy-interval, --write-timeout and --keepalive must be positive"}
 	}
 	if (*tlsCert == "") != (*tlsKey == "") {
 		return usageError{"--tls-cert and --tls-key go together"}
@@ -191,7 +192,8 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	}
 	cfg := server.Config{
 		Upstream: *upstream, UpstreamSecret: os.Getenv(container.SecretEnv), UpstreamTown: *upTown, UpstreamRig: *upRig,
-		Addr: *addr, DataDir: *data, DB: *db, Retain: *retain, PollInterval: *pollEvery,
+		UpstreamBusyInterval: *upBusy,
+		Addr:                 *addr, DataDir: *data, DB: *db, Retain: *retain, PollInterval: *pollEvery,
 		WriteTimeout: *writeTimeout, Keepalive: *keepalive, Origins: origins,
 		TLSCert: *tlsCert, TLSKey: *tlsKey,
 		Secret: os.Getenv("AGENTSTREAM_SECRET"), Log: log, Out: stdout,

@@ -205,6 +205,7 @@ func TestKill9KeepsAcknowledgedEvents(t *testing.T) {
 
 func TestExitStatus(t *testing.T) {
 	t.Setenv("AGENTSTREAM_DATA", t.TempDir())
+	t.Setenv("AGENTSTREAM_CONTAINER_SECRET", "")
 	cases := []struct {
 		args []string
 		want int
@@ -218,6 +219,13 @@ func TestExitStatus(t *testing.T) {
 		{[]string{"serve", "--log-format", "xml"}, 2},
 		{[]string{"serve", "--no-such-flag"}, 2},
 		{[]string{"serve", "--db", "mysql://x"}, 1},
+		{[]string{"serve", "--upstream", "http://127.0.0.1:1"}, 2},
+		{[]string{"serve", "--upstream", "ftp://x", "--upstream-town", "t", "--upstream-rig", "r"}, 2},
+		{[]string{"container"}, 2}, // no secret
+		{[]string{"run", "--agent", "a", "--token", "x", "--", "true"}, 2},
+		{[]string{"run", "--rig", "r", "--agent", "a", "--token", "x"}, 2},
+		{[]string{"run", "--rig", "r", "--agent", "a", "--", "true"}, 2},
+		{[]string{"run", "--rig", "r", "--agent", "a", "--token", "x", "--", "/no/such/program"}, 2},
 		{[]string{"token", "viewer", "--town", "t"}, 0},
 		{[]string{"help"}, 0},
 	}

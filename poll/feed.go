@@ -92,28 +92,38 @@ func (f *feed) run() {
 		}
 	}
 	up := f.s.opts.Upstream
+	var pullC <-chan time.Time // nil, so never ready, without an upstream
+	var pullT *time.Timer
+	if up != nil {
+		pullT = time.NewTimer(0) // a new feed pulls at once: its first subscriber waits for nothing
+		defer pullT.Stop()
+		pullC = pullT.C
+	}
 	for {
-		tick := false
 		select {
 		case <-f.wake:
 		case <-t.C:
-			tick = true
-		case <-f.ctx.Done():
-			return
-		}
-		if tick && up != nil {
+		case <-pullC:
 			// A failed pull still lets the poll below deliver what the
-			// Source has; the next tick pulls again.
-			if err := up.Pull(f.ctx, f.key); err != nil && f.ctx.Err() == nil {
+			// Source has; the next one tries again.
+			n, err := up.Pull(f.ctx, f.key)
+			if err != nil && f.ctx.Err() == nil {
 				f.s.Metrics.pollErrors.Inc()
 				log.Error("feed pull", "err", err)
 			}
+			next := f.s.opts.Interval
+			if n > 0 {
+				next = f.s.opts.BusyInterval
+			}
+			pullT.Reset(next)
 			// The pull's own commit poked the feed; the poll below reads
 			// that commit anyway.
 			select {
 			case <-f.wake:
 			default:
 			}
+		case <-f.ctx.Done():
+			return
 		}
 		if err := f.poll(); err != nil && f.ctx.Err() == nil {
 			f.s.Metrics.pollErrors.Inc()

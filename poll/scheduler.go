@@ -37,13 +37,13 @@ type Source interface {
 // Upstream is another writer's buffer that feeds pull from, such as an
 // agent container's ring of recent events. On each poll interval, before a
 // feed reads its Source, it calls Pull, which copies the agent's new events
-// from the upstream into the Source (persisting them, each once): so they
-// reach subscribers in the Source's order, after they are durable, and are
-// there for late joiners. Pull is called only on the interval, never for a
-// local commit's notify, so an upstream sees one request per active agent
-// per interval however many watch it.
+// from the upstream into the Source (persisting them, each once) and says
+// how many: so they reach subscribers in the Source's order, after they are
+// durable, and are there for late joiners. Pull is called only on its own
+// timer, never for a local commit's notify, so an upstream sees one request
+// per active agent per interval however many watch it.
 type Upstream interface {
-	Pull(ctx context.Context, k model.AgentKey) error
+	Pull(ctx context.Context, k model.AgentKey) (n int, err error)
 }
 
 // ErrClosed is returned by Subscription.Next after the scheduler is closed.
@@ -56,13 +56,23 @@ type Options struct {
 	RingLen  int           // recent items a feed keeps for catching up; default 1024
 	PageSize int           // events per Source read; default 1000
 	Upstream Upstream      // pulled on each interval; nil: none
-	Logger   *slog.Logger
+	// BusyInterval is the time to the next pull after a pull that brought
+	// events; default Interval/5. A busy agent is read sooner, and before
+	// a bounded upstream buffer wraps: with a 500-event ring, 500 ms
+	// between pulls loses events past 1000/s, 100 ms past 5000/s. An
+	// agent whose pulls bring nothing is pulled every Interval.
+	BusyInterval time.Duration
+	Logger       *slog.Logger
 }
 
 func (o *Options) fill() {
 	if o.Interval <= 0 {
 		o.Interval = 500 * time.Millisecond
 	}
+	if o.BusyInterval <= 0 {
+		o.BusyInterval = o.Interval / 5
+	}
+	o.BusyInterval = min(o.BusyInterval, o.Interval)
 	if o.QueueLen <= 0 {
 		// Small: it is allocated for every subscriber, idle or not, and a
 		// subscriber that falls behind catches up from the ring anyway.

@@ -661,13 +661,13 @@ func (u *queueUpstream) push(agent string, n int) {
 	}
 }
 
-func (u *queueUpstream) Pull(ctx context.Context, k model.AgentKey) error {
+func (u *queueUpstream) Pull(ctx context.Context, k model.AgentKey) (int, error) {
 	u.mu.Lock()
 	evs := u.queue[k.Agent]
 	delete(u.queue, k.Agent)
 	u.pulls[k.Agent]++
 	u.mu.Unlock()
-	return u.store.Append(ctx, evs)
+	return len(evs), u.store.Append(ctx, evs)
 }
 
 func (u *queueUpstream) pullCount(agent string) int {
@@ -735,4 +735,36 @@ func TestHoldPullsUpstream(t *testing.T) {
 	if got := u.pullCount("a"); got != pulls {
 		t.Fatalf("pulled with no feed: %d -> %d", pulls, got)
 	}
+}
+
+// trickleUpstream has one new event on each of its first left pulls, as an
+// agent writing steadily does.
+type trickleUpstream struct {
+	store *model.Store
+	left  atomic.Int64
+}
+
+func (u *trickleUpstream) Pull(ctx context.Context, k model.AgentKey) (int, error) {
+	if u.left.Add(-1) < 0 {
+		return 0, nil
+	}
+	ev := model.Event{TownID: "t", RigID: "r", AgentID: k.Agent, Type: "up", Data: json.RawMessage(`{}`)}
+	return 1, u.store.Append(ctx, []model.Event{ev})
+}
+
+// TestBusyAgentPulledSooner: after a pull that brought events the next one
+// comes after BusyInterval, not Interval, so an agent that keeps writing is
+// read before a bounded upstream buffer wraps.
+func TestBusyAgentPulledSooner(t *testing.T) {
+	u := &trickleUpstream{}
+	u.left.Store(5)
+	e := newEnv(t, model.Options{}, Options{Interval: time.Hour, BusyInterval: 5 * time.Millisecond, Upstream: u})
+	u.store = e.store
+	release, err := e.sched.Hold(key("a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	// At Interval alone these five would take four hours.
+	waitFor(t, "five pulls in a row", func() bool { return len(e.allIDs(t, "a")) == 5 })
 }

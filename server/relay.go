@@ -83,38 +83,40 @@ func NewRelay(client *container.Client, store *model.Store, town, rig string, lo
 // Collectors are the relay's metrics.
 func (r *Relay) Collectors() []prometheus.Collector { return []prometheus.Collector{r.relayed, r.lost} }
 
-// Pull copies k's new events from the container into the store. Agents of
-// other towns, and agents the container has not listed, are not its own.
-func (r *Relay) Pull(ctx context.Context, k model.AgentKey) error {
+// Pull copies k's new events from the container into the store and says how
+// many it copied. Agents of other towns, and agents the container has not
+// listed, are not its own.
+func (r *Relay) Pull(ctx context.Context, k model.AgentKey) (int, error) {
 	if k.Town != r.town {
-		return nil
+		return 0, nil
 	}
 	r.mu.Lock()
 	a := r.agents[k.Agent]
 	r.mu.Unlock()
 	if a == nil {
-		return nil
+		return 0, nil
 	}
 	a.pull.Lock()
 	defer a.pull.Unlock()
 	k = model.AgentKey{Town: r.town, Agent: k.Agent}
+	pulled := 0
 	for {
 		r.mu.Lock()
 		run, seq := a.run, a.seq
 		r.mu.Unlock()
 		page, err := r.client.Events(ctx, k.Agent, seq, relayPage)
 		if err != nil {
-			return fmt.Errorf("relay %s: %w", k.Agent, err)
+			return pulled, fmt.Errorf("relay %s: %w", k.Agent, err)
 		}
 		if page.Run == "" {
-			return nil // dropped from the container, or not started yet
+			return pulled, nil // dropped from the container, or not started yet
 		}
 		if page.Run != run {
 			// A run not seen since this process started: resume where
 			// the store says, and ask again from there.
 			stored, err := r.store.UpstreamSeq(ctx, k, page.Run)
 			if err != nil {
-				return err
+				return pulled, err
 			}
 			r.mu.Lock()
 			a.run, a.seq = page.Run, stored
@@ -122,7 +124,7 @@ func (r *Relay) Pull(ctx context.Context, k model.AgentKey) error {
 			continue
 		}
 		if len(page.Events) == 0 {
-			return nil
+			return pulled, nil
 		}
 		evs := make([]model.Event, 0, len(page.Events)+1)
 		if first := page.Events[0].Seq; first > seq+1 {
@@ -141,14 +143,15 @@ func (r *Relay) Pull(ctx context.Context, k model.AgentKey) error {
 			evs[i].TownID, evs[i].RigID, evs[i].AgentID, evs[i].UpstreamRun = r.town, r.rig, k.Agent, run
 		}
 		if err := r.store.Append(ctx, evs); err != nil {
-			return fmt.Errorf("relay %s: %w", k.Agent, err)
+			return pulled, fmt.Errorf("relay %s: %w", k.Agent, err)
 		}
 		r.relayed.Add(float64(len(page.Events)))
+		pulled += len(page.Events)
 		r.mu.Lock()
 		a.seq = page.Events[len(page.Events)-1].Seq
 		r.mu.Unlock()
 		if len(page.Events) < relayPage {
-			return nil
+			return pulled, nil
 		}
 	}
 }

@@ -46,6 +46,9 @@ type Config struct {
 	UpstreamSecret string
 	UpstreamTown   string
 	UpstreamRig    string
+	// UpstreamBusyInterval is the time between pulls of an agent whose last
+	// pull brought events (default PollInterval/5; see poll.Options).
+	UpstreamBusyInterval time.Duration
 
 	ShutdownTimeout time.Duration  // for in-flight requests; default 10 s
 	Ready           func(net.Addr) // called once listening, with the address
@@ -77,7 +80,7 @@ func Serve(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer store.Close()
-	popts := poll.Options{Interval: cfg.PollInterval, Logger: log}
+	popts := poll.Options{Interval: cfg.PollInterval, BusyInterval: cfg.UpstreamBusyInterval, Logger: log}
 	var relay *Relay
 	if cfg.Upstream != "" {
 		client := &container.Client{URL: cfg.Upstream, Secret: cfg.UpstreamSecret, HTTP: &http.Client{Timeout: 10 * time.Second}}
