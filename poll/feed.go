@@ -15,6 +15,7 @@ type feed struct {
 	s     *Scheduler
 	key   model.AgentKey
 	wake  chan struct{} // capacity 1: a pending "poll now"
+	kick  chan struct{} // capacity 1: a pending "pull the upstream now"
 	ready chan struct{} // closed once cursor holds the agent's latest id
 	ctx   context.Context
 	stop  context.CancelFunc
@@ -35,11 +36,19 @@ func newFeed(s *Scheduler, k model.AgentKey) *feed {
 		s:     s,
 		key:   k,
 		wake:  make(chan struct{}, 1),
+		kick:  make(chan struct{}, 1),
 		ready: make(chan struct{}),
 		ctx:   ctx,
 		stop:  cancel,
 		done:  make(chan struct{}),
 		ring:  newRing(s.opts.RingLen),
+	}
+}
+
+func (f *feed) pullNow() {
+	select {
+	case f.kick <- struct{}{}:
+	default:
 	}
 }
 
@@ -100,10 +109,18 @@ func (f *feed) run() {
 		pullC = pullT.C
 	}
 	for {
+		pull := false
 		select {
 		case <-f.wake:
 		case <-t.C:
 		case <-pullC:
+			pull = true
+		case <-f.kick:
+			pull = up != nil
+		case <-f.ctx.Done():
+			return
+		}
+		if pull {
 			// A failed pull still lets the poll below deliver what the
 			// Source has; the next one tries again.
 			n, err := up.Pull(f.ctx, f.key)
@@ -122,8 +139,6 @@ func (f *feed) run() {
 			case <-f.wake:
 			default:
 			}
-		case <-f.ctx.Done():
-			return
 		}
 		if err := f.poll(); err != nil && f.ctx.Err() == nil {
 			f.s.Metrics.pollErrors.Inc()

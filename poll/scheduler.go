@@ -129,6 +129,17 @@ func (s *Scheduler) Notify(events []model.Event) {
 	}
 }
 
+// PullNow tells k's feed, if it runs, to pull its Upstream now rather than
+// at its next interval: for an upstream that has said it holds new events.
+// It never blocks.
+func (s *Scheduler) PullNow(k model.AgentKey) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if f := s.feeds[feedKey(k)]; f != nil {
+		f.pullNow()
+	}
+}
+
 // Subscribe returns a subscription to every event of k with id > afterID.
 // It ends when ctx does or when Close is called.
 func (s *Scheduler) Subscribe(ctx context.Context, k model.AgentKey, afterID int64) (*Subscription, error) {

@@ -84,18 +84,21 @@ func NewRelay(client *container.Client, store *model.Store, town, rig string, lo
 func (r *Relay) Collectors() []prometheus.Collector { return []prometheus.Collector{r.relayed, r.lost} }
 
 // Pull copies k's new events from the container into the store and says how
-// many it copied. Agents of other towns, and agents the container has not
-// listed, are not its own.
+// many it copied. Agents of other towns are not its own; an agent the
+// container does not know has nothing to copy.
 func (r *Relay) Pull(ctx context.Context, k model.AgentKey) (int, error) {
 	if k.Town != r.town {
 		return 0, nil
 	}
 	r.mu.Lock()
 	a := r.agents[k.Agent]
-	r.mu.Unlock()
 	if a == nil {
-		return 0, nil
+		// Watched before Watch has listed it: a fast agent's first events
+		// must not wait for the list.
+		a = &relayAgent{}
+		r.agents[k.Agent] = a
 	}
+	r.mu.Unlock()
 	a.pull.Lock()
 	defer a.pull.Unlock()
 	k = model.AgentKey{Town: r.town, Agent: k.Agent}
@@ -156,9 +159,10 @@ func (r *Relay) Pull(ctx context.Context, k model.AgentKey) (int, error) {
 	}
 }
 
-// Watch lists the container's agents every interval until ctx ends, and
-// keeps each one's feed active (sched.Hold) from when it is first seen until
-// its last event, agent.exited included, is stored. It holds nothing once
+// Watch lists the container's agents every interval until ctx ends. It keeps
+// each one's feed active (sched.Hold) from when it is first seen until its
+// last event, agent.exited included, is stored, and has the feed pull at
+// once when the list shows events it has not stored. It holds nothing once
 // it returns.
 func (r *Relay) Watch(ctx context.Context, sched *poll.Scheduler, interval time.Duration) {
 	defer r.releaseAll()
@@ -200,7 +204,8 @@ func (r *Relay) sync(ctx context.Context, sched *poll.Scheduler) error {
 			r.agents[info.AgentID] = a
 		}
 		a.lastRun, a.lastSeq, a.exited = info.Run, info.LastSeq, info.State == container.StateExited
-		caughtUp := a.exited && a.run == a.lastRun && a.seq >= a.lastSeq
+		behind := a.run != a.lastRun || a.seq < a.lastSeq
+		caughtUp := a.exited && !behind
 		switch {
 		case caughtUp && a.release != nil:
 			releases = append(releases, a.release)
@@ -211,6 +216,11 @@ func (r *Relay) sync(ctx context.Context, sched *poll.Scheduler) error {
 				return err
 			}
 			a.release = release
+		}
+		if behind {
+			// The list is the cheap "something new" signal: one request
+			// for all agents, then a pull only where there is news.
+			sched.PullNow(model.AgentKey{Town: r.town, Agent: info.AgentID})
 		}
 	}
 	for id, a := range r.agents {

@@ -137,9 +137,14 @@ func Serve(ctx context.Context, cfg Config) error {
 
 	wg.Go(func() { sweepTickets(bgCtx, store, log) })
 	if relay != nil {
-		interval := cfg.PollInterval
+		// New agents are listed as often as busy ones are pulled, so that a
+		// fast agent's first pull comes before its ring wraps.
+		interval := cfg.UpstreamBusyInterval
 		if interval <= 0 {
-			interval = 500 * time.Millisecond
+			interval = max(cfg.PollInterval, 0) / 5
+		}
+		if interval <= 0 {
+			interval = 100 * time.Millisecond
 		}
 		log.Info("relaying upstream container", "upstream", cfg.Upstream, "town", cfg.UpstreamTown, "rig", cfg.UpstreamRig)
 		wg.Go(func() { relay.Watch(bgCtx, sched, interval) })

@@ -8,6 +8,11 @@
 //
 //	go build -o /tmp/agentstream . && go run ./server/loadtest -bin /tmp/agentstream
 //
+// With -relay it measures instead one agent's events through `agentstream
+// container` and `serve --upstream` to an SSE client: lag at a steady rate,
+// and the rates at which the container's ring does or does not wrap before
+// the relay reads it.
+//
 // Every loop is bounded: each scenario runs for -duration and ends.
 package main
 
@@ -42,15 +47,26 @@ func main() {
 	duration := flag.Duration("duration", 10*time.Second, "publishing time per scenario")
 	idle := flag.Int("idle", 5000, "connections for the idle-memory measurement")
 	only := flag.String("only", "", "run only scenarios whose name contains this")
+	relay := flag.Bool("relay", false, "measure the container relay (agentstream container + serve --upstream) instead of fan-out")
+	emitN := flag.Int("emit", 0, "internal: be the relay scenarios' agent, writing this many events")
+	emitRate := flag.Int("emit-rate", 0, "internal: events per second the agent writes (0: as fast as it can)")
 	flag.Parse()
 	if *naive != "" {
 		serveNaive(*naive)
+		return
+	}
+	if *emitN > 0 {
+		emit(*emitN, *emitRate)
 		return
 	}
 	if *bin == "" {
 		log.Fatal("-bin is required: go build -o /tmp/agentstream . first")
 	}
 	raiseFDLimit()
+	if *relay {
+		relayScenarios(*bin, *duration, *only)
+		return
+	}
 	type scenario struct {
 		server, transport string
 		subs              int
