@@ -133,7 +133,7 @@ func (e *upstreamEnv) startAgent(id string, command ...string) {
 	}
 }
 
-func testScript(t *testing.T, name string) string {
+func testScript(t testing.TB, name string) string {
 	p, err := filepath.Abs(filepath.Join("..", "testdata", "container", name))
 	if err != nil {
 		t.Fatal(err)
