@@ -108,6 +108,7 @@ func (f *feed) run() {
 		defer pullT.Stop()
 		pullC = pullT.C
 	}
+	var pullErr string // the last pull error logged: an outage is logged once
 	for {
 		pull := false
 		select {
@@ -124,9 +125,16 @@ func (f *feed) run() {
 			// A failed pull still lets the poll below deliver what the
 			// Source has; the next one tries again.
 			n, err := up.Pull(f.ctx, f.key)
-			if err != nil && f.ctx.Err() == nil {
+			switch {
+			case err != nil && f.ctx.Err() == nil:
 				f.s.Metrics.pollErrors.Inc()
-				log.Error("feed pull", "err", err)
+				if err.Error() != pullErr {
+					log.Error("feed pull", "err", err)
+					pullErr = err.Error()
+				}
+			case err == nil && pullErr != "":
+				log.Info("feed pull works again")
+				pullErr = ""
 			}
 			next := f.s.opts.Interval
 			if n > 0 {

@@ -25,8 +25,8 @@ const TypeUpstreamGap = "upstream.gap"
 const relayPage = 100
 
 // Relay brings a container's agents into the store (`serve --upstream`). It
-// is the scheduler's poll.Upstream: on each poll interval an active agent's
-// feed calls Pull, which asks the container for the events after the last
+// is the scheduler's poll.Upstream: when an active agent's feed pulls (see
+// poll.Upstream for when), it calls Pull, which asks the container for the events after the last
 // one stored and commits them, tagged with their run and sequence number,
 // before the feed reads and fans them out. Watch keeps every agent the
 // container reports running active (poll.Scheduler.Hold), watched or not,
@@ -168,9 +168,17 @@ func (r *Relay) Watch(ctx context.Context, sched *poll.Scheduler, interval time.
 	defer r.releaseAll()
 	t := time.NewTicker(interval)
 	defer t.Stop()
+	failing := false // log a failure once, not at every tick of an outage
 	for {
-		if err := r.sync(ctx, sched); err != nil && ctx.Err() == nil {
-			r.log.Warn("upstream list", "err", err)
+		err := r.sync(ctx, sched)
+		switch {
+		case ctx.Err() != nil:
+		case err != nil && !failing:
+			r.log.Warn("upstream unreachable; retrying", "err", err)
+			failing = true
+		case err == nil && failing:
+			r.log.Info("upstream reachable again")
+			failing = false
 		}
 		select {
 		case <-t.C:
