@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -286,5 +287,17 @@ func TestRelayReportsRingGap(t *testing.T) {
 	}
 	if evs[1].Type != "step" || string(evs[1].Data) != `{"n":57}` {
 		t.Fatalf("first relayed after the gap: %s %s", evs[1].Type, evs[1].Data)
+	}
+	// And the operator sees it counted.
+	resp, err := http.Get("http://" + e.addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	for _, want := range []string{"agentstream_relay_lost_events_total 61\n", "agentstream_relay_events_total 50\n"} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
 	}
 }
