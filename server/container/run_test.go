@@ -76,7 +76,7 @@ func TestRunStoppedByContext(t *testing.T) {
 	var err error
 	go func() {
 		defer close(done)
-		exit, err = Run(ctx, RunOptions{Command: []string{"sh", script(t, "ignore-term.sh")}, Sink: sink, Grace: 200 * time.Millisecond})
+		exit, err = Run(ctx, RunOptions{Command: []string{"sh", script(t, "ignore-term.sh")}, Sink: sink, Grace: 2 * time.Second})
 	}()
 	waitFor(t, "the command to be ready", func() bool { return len(sink.lines()) > 0 })
 	cancel()
