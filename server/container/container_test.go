@@ -206,7 +206,7 @@ func TestSessionEvents(t *testing.T) {
 }
 
 func TestExitReasons(t *testing.T) {
-	t.Setenv(SecretEnv, testSecret) // must not reach the agents
+	t.Setenv(SecretEnv, testSecret)                 // must not reach the agents
 	e := newEnv(t, Options{Grace: 2 * time.Second}) // long enough for the shell to run its TERM trap on a busy machine
 	ctx := context.Background()
 
