@@ -149,6 +149,7 @@ func (e *env) waitExit(t *testing.T, id string) ([]Event, ExitData) {
 }
 
 func TestSessionEvents(t *testing.T) {
+	t.Setenv(SecretEnv, testSecret) // the container's own: it must not reach the agents
 	e := newEnv(t, Options{})
 	dir := t.TempDir()
 	info, err := e.client.Start(context.Background(), StartRequest{
