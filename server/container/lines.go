@@ -85,21 +85,21 @@ func parseEvent(line []byte) (Line, bool) {
 }
 
 // ScanLines reads r to its end, one line at a time, and calls fn with each
-// line's event by the rules of ParseLine. A line longer than max (MaxLine
-// when max <= 0) is cut on a UTF-8 boundary at or before max bytes, and the
+// line's event by the rules of ParseLine. A line longer than limit (MaxLine
+// when limit <= 0) is cut on a UTF-8 boundary at or before limit bytes, and the
 // rest of it is read past without being kept. A last line without a newline
 // counts.
-func ScanLines(r io.Reader, stream string, max int, fn func(Line)) error {
-	if max <= 0 {
-		max = MaxLine
+func ScanLines(r io.Reader, stream string, limit int, fn func(Line)) error {
+	if limit <= 0 {
+		limit = MaxLine
 	}
 	br := bufio.NewReaderSize(r, 64<<10)
-	var head []byte // the line's first max+1 bytes: one past max shows where a rune starts
+	var head []byte // the line's first limit+1 bytes: one past limit shows where a rune starts
 	size := 0       // the line's length so far
 	for {
 		chunk, err := br.ReadSlice('\n')
 		size += len(chunk)
-		if room := max + 1 - len(head); room > 0 {
+		if room := limit + 1 - len(head); room > 0 {
 			head = append(head, chunk[:min(len(chunk), room)]...)
 		}
 		if errors.Is(err, bufio.ErrBufferFull) {
@@ -116,10 +116,10 @@ func ScanLines(r io.Reader, stream string, max int, fn func(Line)) error {
 					line = line[:n]
 				}
 			}
-			if n <= max {
+			if n <= limit {
 				fn(ParseLine(stream, line[:n], 0))
 			} else {
-				fn(ParseLine(stream, cutUTF8(line, max), n))
+				fn(ParseLine(stream, cutUTF8(line, limit), n))
 			}
 			head, size = head[:0], 0
 			if cap(head) > 64<<10 {

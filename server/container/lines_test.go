@@ -109,12 +109,12 @@ func FuzzScanLines(f *testing.F) {
 	f.Add([]byte("plain\n{\"type\":\"x\",\"data\":1}\n"), 16)
 	f.Add([]byte("éééé\r\n\n{\"type\":\"x\"}"), 3)
 	f.Add([]byte{0xff, 0xfe, '\n', '{'}, 1)
-	f.Fuzz(func(t *testing.T, in []byte, max int) {
-		if max < 1 || max > 1<<16 {
+	f.Fuzz(func(t *testing.T, in []byte, limit int) {
+		if limit < 1 || limit > 1<<16 {
 			return
 		}
 		n := 0
-		err := ScanLines(bytes.NewReader(in), "stdout", max, func(l Line) {
+		err := ScanLines(bytes.NewReader(in), "stdout", limit, func(l Line) {
 			n++
 			if l.Type == "" || !json.Valid(l.Data) {
 				t.Fatalf("bad event %q %q", l.Type, l.Data)
