@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -214,5 +215,70 @@ func TestContainerAndUpstreamCommands(t *testing.T) {
 		if ev.Type == "env" && !strings.Contains(string(ev.Data), `"secret":""`) {
 			t.Fatalf("the container's secret reached the agent: %s", ev.Data)
 		}
+	}
+}
+
+// TestUpstreamSurvivesKill9: serve --upstream is killed with SIGKILL while
+// an agent writes, and started again on the same address and data; tail
+// rides through it, and every event is stored once, in order.
+func TestUpstreamSurvivesKill9(t *testing.T) {
+	bin := buildBinary(t)
+	data := filepath.Join(t.TempDir(), "data")
+	const secret = "kill9-test-container-secret"
+	env := append(cleanEnv(), "AGENTSTREAM_CONTAINER_SECRET="+secret)
+	cc := exec.Command(bin, "container", "--addr", "127.0.0.1:0", "--log-format", "json")
+	cc.Env = env
+	c := startListening(t, cc, "container listening")
+	serve := func(addr string) *serveProc {
+		sc := exec.Command(bin, "serve", "--addr", addr, "--data", data, "--log-format", "json",
+			"--upstream", c.base, "--upstream-town", "t", "--upstream-rig", "r", "--poll-interval", "100ms", "--upstream-busy-interval", "20ms")
+		sc.Env = env
+		return startListening(t, sc, "listening")
+	}
+	s := serve("127.0.0.1:0")
+	tail := startTail(t, bin, s.base, "t", "a", data)
+
+	const n = 200
+	script, _ := filepath.Abs(filepath.Join("testdata", "container", "paced.sh"))
+	body := fmt.Sprintf(`{"agent_id":"a","command":["sh",%q,"%d","0.01"]}`, script, n)
+	req, _ := http.NewRequest("POST", c.base+"/agents", strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+secret)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+
+	// Kill it once events are flowing, whatever it is doing.
+	viewer := runCmd(t, bin, "token", "viewer", "--town", "t", "--data", data)
+	deadline := time.Now().Add(30 * time.Second)
+	for len(readEvents(t, s.base, viewer)) < 30 {
+		if time.Now().After(deadline) {
+			t.Fatal("no events relayed within 30 s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := s.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-s.done
+	serve(strings.TrimPrefix(s.base, "http://"))
+
+	got := tail.events(t)
+	var lines []string
+	for _, ev := range got {
+		lines = append(lines, ev.Type+" "+string(ev.Data))
+	}
+	var want []string
+	for i := 1; i <= n; i++ {
+		want = append(want, fmt.Sprintf(`step {"n":%d}`, i))
+		if i%10 == 0 {
+			want = append(want, fmt.Sprintf(`output.line {"stream":"stdout","line":"done %d"}`, i))
+		}
+	}
+	want = append(want, `agent.exited {"reason":"completed","exit_code":0}`)
+	if strings.Join(lines, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("tail saw %d events, want %d, each once and in order", len(lines), len(want))
 	}
 }
