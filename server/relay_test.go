@@ -301,3 +301,52 @@ func TestRelayReportsRingGap(t *testing.T) {
 		}
 	}
 }
+
+// flakyFront is an HTTP front for the container on a fixed address that a
+// test can take down and bring back, as a network outage would.
+type flakyFront struct {
+	t      *testing.T
+	addr   string
+	target http.Handler
+	srv    *http.Server
+}
+
+func (f *flakyFront) up() {
+	f.t.Helper()
+	ln, err := net.Listen("tcp", f.addr)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	f.addr = ln.Addr().String()
+	f.srv = &http.Server{Handler: f.target}
+	go f.srv.Serve(ln)
+}
+
+func (f *flakyFront) down() { f.srv.Close() }
+
+// TestRelayRidesOutContainerOutage: the container's API is unreachable for
+// a while as its agent goes on writing; once it is back, the relay stores
+// what the ring kept, each event once, and the agent's feed ends as usual.
+func TestRelayRidesOutContainerOutage(t *testing.T) {
+	e := newUpstreamEnv(t, container.Options{})
+	front := &flakyFront{t: t, addr: "127.0.0.1:0", target: e.c.Handler(relaySecret)}
+	front.up()
+	defer front.down()
+	e.client = &container.Client{URL: "http://" + front.addr, Secret: relaySecret}
+	e.serve()
+
+	const n = 60
+	e.startAgent("a1", "sh", testScript(t, "paced.sh"), fmt.Sprint(n), "0.02")
+	waitUntil(t, "the first events relayed", func() bool { return len(e.stored("a1")) >= 5 })
+	front.down()
+	waitUntil(t, "the agent to exit during the outage", func() bool {
+		p := e.c.Events("a1", 0, 1)
+		return p.State == container.StateExited
+	})
+	front.up()
+	waitUntil(t, "the rest relayed after the outage", func() bool {
+		evs := e.stored("a1")
+		return len(evs) > 0 && evs[len(evs)-1].Type == model.TypeExited
+	})
+	checkRelayed(t, e.stored("a1"), n, "completed")
+}
