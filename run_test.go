@@ -165,28 +165,25 @@ func ingestRequests(t *testing.T, base string) float64 {
 	return 0
 }
 
-// TestContainerAndUpstreamCommands: `agentstream container`, `agentstream
-// serve --upstream` and `agentstream tail`, as separate processes: an agent
-// started in the container reaches tail through the relay, in order, and
-// tail ends with its agent.exited.
-func TestContainerAndUpstreamCommands(t *testing.T) {
-	bin := buildBinary(t)
-	data := filepath.Join(t.TempDir(), "data")
-	const secret = "cli-test-container-secret"
+// startContainer runs `agentstream container` with secret, and returns it
+// and the environment that holds the secret, for serve --upstream.
+func startContainer(t *testing.T, bin, secret string) (*serveProc, []string) {
+	t.Helper()
 	env := append(cleanEnv(), "AGENTSTREAM_CONTAINER_SECRET="+secret)
-
 	cc := exec.Command(bin, "container", "--addr", "127.0.0.1:0", "--log-format", "json")
 	cc.Env = env
-	c := startListening(t, cc, "container listening")
-	sc := exec.Command(bin, "serve", "--addr", "127.0.0.1:0", "--data", data, "--log-format", "json",
-		"--upstream", c.base, "--upstream-town", "t", "--upstream-rig", "r", "--poll-interval", "100ms")
-	sc.Env = env
-	s := startListening(t, sc, "listening")
+	return startListening(t, cc, "container listening"), env
+}
 
-	tail := startTail(t, bin, s.base, "t", "a1", data)
-	script, _ := filepath.Abs(filepath.Join("testdata", "container", "session.sh"))
-	body := fmt.Sprintf(`{"agent_id":"a1","command":["sh",%q,"3"]}`, script)
-	req, _ := http.NewRequest("POST", c.base+"/agents", strings.NewReader(body))
+// startAgent runs a testdata/container script as agent id in the container.
+func startAgent(t *testing.T, c *serveProc, secret, id, script string, args ...string) {
+	t.Helper()
+	path, err := filepath.Abs(filepath.Join("testdata", "container", script))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := json.Marshal(map[string]any{"agent_id": id, "command": append([]string{"sh", path}, args...)})
+	req, _ := http.NewRequest("POST", c.base+"/agents", bytes.NewReader(body))
 	req.Header.Set("Authorization", "Bearer "+secret)
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := http.DefaultClient.Do(req)
@@ -195,8 +192,26 @@ func TestContainerAndUpstreamCommands(t *testing.T) {
 	}
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusCreated {
-		t.Fatalf("start agent: %d", resp.StatusCode)
+		t.Fatalf("start agent %s: %d", id, resp.StatusCode)
 	}
+}
+
+// TestContainerAndUpstreamCommands: `agentstream container`, `agentstream
+// serve --upstream` and `agentstream tail`, as separate processes: an agent
+// started in the container reaches tail through the relay, in order, and
+// tail ends with its agent.exited.
+func TestContainerAndUpstreamCommands(t *testing.T) {
+	bin := buildBinary(t)
+	data := filepath.Join(t.TempDir(), "data")
+	const secret = "cli-test-container-secret"
+	c, env := startContainer(t, bin, secret)
+	sc := exec.Command(bin, "serve", "--addr", "127.0.0.1:0", "--data", data, "--log-format", "json",
+		"--upstream", c.base, "--upstream-town", "t", "--upstream-rig", "r", "--poll-interval", "100ms")
+	sc.Env = env
+	s := startListening(t, sc, "listening")
+
+	tail := startTail(t, bin, s.base, "t", "a1", data)
+	startAgent(t, c, secret, "a1", "session.sh", "3")
 
 	got := tail.events(t)
 	var types []string
@@ -225,10 +240,7 @@ func TestUpstreamSurvivesKill9(t *testing.T) {
 	bin := buildBinary(t)
 	data := filepath.Join(t.TempDir(), "data")
 	const secret = "kill9-test-container-secret"
-	env := append(cleanEnv(), "AGENTSTREAM_CONTAINER_SECRET="+secret)
-	cc := exec.Command(bin, "container", "--addr", "127.0.0.1:0", "--log-format", "json")
-	cc.Env = env
-	c := startListening(t, cc, "container listening")
+	c, env := startContainer(t, bin, secret)
 	serve := func(addr string) *serveProc {
 		sc := exec.Command(bin, "serve", "--addr", addr, "--data", data, "--log-format", "json",
 			"--upstream", c.base, "--upstream-town", "t", "--upstream-rig", "r", "--poll-interval", "100ms", "--upstream-busy-interval", "20ms")
@@ -237,18 +249,8 @@ func TestUpstreamSurvivesKill9(t *testing.T) {
 	}
 	s := serve("127.0.0.1:0")
 	tail := startTail(t, bin, s.base, "t", "a", data)
-
 	const n = 200
-	script, _ := filepath.Abs(filepath.Join("testdata", "container", "paced.sh"))
-	body := fmt.Sprintf(`{"agent_id":"a","command":["sh",%q,"%d","0.01"]}`, script, n)
-	req, _ := http.NewRequest("POST", c.base+"/agents", strings.NewReader(body))
-	req.Header.Set("Authorization", "Bearer "+secret)
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
+	startAgent(t, c, secret, "a", "paced.sh", fmt.Sprint(n), "0.01")
 
 	// Kill it once events are flowing, whatever it is doing.
 	viewer := runCmd(t, bin, "token", "viewer", "--town", "t", "--data", data)
