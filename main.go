@@ -40,6 +40,7 @@ Usage:
                      [--upstream URL --upstream-town T --upstream-rig R]
   agentstream container [--addr 127.0.0.1:8090] [--grace 10s] [--ttl 5m]
   agentstream run   --rig R --agent A [--server URL] [--token T | --town T --data DIR] -- COMMAND [ARG...]
+  agentstream emit  --rig R --agent A [--server URL] [--token T | --town T --data DIR] < events.jsonl
   agentstream token agent  --town T --rig R --agent A [--ttl 24h] [--data DIR]
   agentstream token viewer --town T [--ttl 24h] [--data DIR]
   agentstream tail  --town T --agent A [--server URL] [--after N] [--json] [--token T | --data DIR]
@@ -95,6 +96,8 @@ func dispatch(args []string, stdout, stderr io.Writer) error {
 		return cmdContainer(args[1:], stderr)
 	case "run":
 		return cmdRun(args[1:], stdout, stderr)
+	case "emit":
+		return cmdEmit(args[1:], os.Stdin, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil
@@ -393,42 +396,62 @@ type exitStatus int
 
 func (e exitStatus) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
 
+// poster is what run and emit share: whom they post as, and where.
+type poster struct {
+	rig, agent, server, token, town, data *string
+}
+
+func posterFlags(fs *flag.FlagSet) *poster {
+	return &poster{
+		rig:    fs.String("rig", "", "rig of the agent"),
+		agent:  fs.String("agent", "", "agent id to post as"),
+		server: fs.String("server", "http://127.0.0.1:8080", "server base URL"),
+		token:  fs.String("token", "", "agent token (default: minted for --town, --rig and --agent from the secret in --data)"),
+		town:   fs.String("town", "", "town of the agent, to mint a token when no --token is given"),
+		data:   fs.String("data", "./agentstream-data", "data directory holding the server's secret, when no --token is given"),
+	}
+}
+
+// sink checks the flags and returns the ingest client to post with.
+func (p *poster) sink(cmd string, stderr io.Writer) (*server.IngestClient, error) {
+	if *p.rig == "" || *p.agent == "" {
+		return nil, usageError{cmd + " needs --rig and --agent"}
+	}
+	token := *p.token
+	if token == "" {
+		if *p.town == "" {
+			return nil, usageError{cmd + " needs --token, or --town to mint one from the secret in --data"}
+		}
+		auth, err := loadAuth(*p.data)
+		if err != nil {
+			return nil, fmt.Errorf("no --token, and no secret to mint one: %w", err)
+		}
+		if token, err = auth.MintAgent(*p.town, *p.rig, *p.agent, 24*time.Hour); err != nil {
+			return nil, err
+		}
+	}
+	return &server.IngestClient{URL: *p.server, Token: token, Rig: *p.rig,
+		OnRetry: func(err error, wait time.Duration) {
+			fmt.Fprintf(stderr, "agentstream: posting events failed, retrying in %s: %v\n", wait.Round(time.Millisecond), err)
+		}}, nil
+}
+
 func cmdRun(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("run", stderr)
-	rig := fs.String("rig", "", "rig of the agent")
-	agent := fs.String("agent", "", "agent id to post as")
-	srv := fs.String("server", "http://127.0.0.1:8080", "server base URL")
-	token := fs.String("token", "", "agent token (default: minted for --town, --rig and --agent from the secret in --data)")
-	town := fs.String("town", "", "town of the agent, to mint a token when no --token is given")
-	data := fs.String("data", "./agentstream-data", "data directory holding the server's secret, when no --token is given")
+	p := posterFlags(fs)
 	command, err := parseArgs(fs, args)
 	if err != nil {
 		return err
 	}
-	if *rig == "" || *agent == "" {
-		return usageError{"run needs --rig and --agent"}
+	sink, err := p.sink("run", stderr)
+	if err != nil {
+		return err
 	}
 	if len(command) == 0 {
 		return usageError{"run needs a command after --"}
 	}
-	if *token == "" {
-		if *town == "" {
-			return usageError{"run needs --token, or --town to mint one from the secret in --data"}
-		}
-		auth, err := loadAuth(*data)
-		if err != nil {
-			return fmt.Errorf("no --token, and no secret to mint one: %w", err)
-		}
-		if *token, err = auth.MintAgent(*town, *rig, *agent, 24*time.Hour); err != nil {
-			return err
-		}
-	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	sink := &server.IngestClient{URL: *srv, Token: *token, Rig: *rig,
-		OnRetry: func(err error, wait time.Duration) {
-			fmt.Fprintf(stderr, "agentstream: posting events failed, retrying in %s: %v\n", wait.Round(time.Millisecond), err)
-		}}
 	exit, err := container.Run(ctx, container.RunOptions{
 		Command: command, Sink: sink, MaxData: server.MaxDataBytes, MaxBatch: server.MaxBatch,
 		Stdin: os.Stdin, Stdout: stdout, Stderr: stderr,
@@ -437,10 +460,30 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 		return usageError{err.Error()}
 	}
 	if err != nil {
-		return fmt.Errorf("events of %s not all delivered: %w", *agent, err)
+		return fmt.Errorf("events of %s not all delivered: %w", *p.agent, err)
 	}
 	if exit.ExitCode != 0 {
 		return exitStatus(max(1, min(exit.ExitCode, 255)))
+	}
+	return nil
+}
+
+// cmdEmit posts the lines of stdin as events, by the container's line rules.
+func cmdEmit(args []string, stdin io.Reader, stderr io.Writer) error {
+	fs := newFlags("emit", stderr)
+	p := posterFlags(fs)
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	sink, err := p.sink("emit", stderr)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	err = container.Emit(ctx, stdin, container.RunOptions{Sink: sink, MaxData: server.MaxDataBytes, MaxBatch: server.MaxBatch})
+	if err != nil {
+		return fmt.Errorf("events of %s not all delivered: %w", *p.agent, err)
 	}
 	return nil
 }

@@ -226,6 +226,9 @@ func TestExitStatus(t *testing.T) {
 		{[]string{"run", "--rig", "r", "--agent", "a", "--token", "x"}, 2},
 		{[]string{"run", "--rig", "r", "--agent", "a", "--", "true"}, 2},
 		{[]string{"run", "--rig", "r", "--agent", "a", "--token", "x", "--", "/no/such/program"}, 2},
+		{[]string{"emit"}, 2},
+		{[]string{"emit", "--rig", "r", "--agent", "a"}, 2},
+		{[]string{"emit", "--rig", "r", "--agent", "a", "--token", "x", "extra"}, 2},
 		{[]string{"token", "viewer", "--town", "t"}, 0},
 		{[]string{"help"}, 0},
 	}

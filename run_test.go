@@ -284,3 +284,30 @@ func TestUpstreamSurvivesKill9(t *testing.T) {
 		t.Fatalf("tail saw %d events, want %d, each once and in order", len(lines), len(want))
 	}
 }
+
+// TestEmitCommand: `agentstream emit < lines` posts each line by the line
+// rules; a tail of the agent sees them, ending with the agent.exited the
+// input carries.
+func TestEmitCommand(t *testing.T) {
+	bin := buildBinary(t)
+	data := filepath.Join(t.TempDir(), "data")
+	s := startServer(t, bin, data)
+	tail := startTail(t, bin, s.base, "t", "e", data)
+	cmd := exec.Command(bin, "emit", "--town", "t", "--rig", "r", "--agent", "e", "--server", s.base, "--data", data)
+	cmd.Env = cleanEnv()
+	cmd.Stdin = strings.NewReader(`{"type":"step","data":{"n":1}}
+a plain line
+{"type":"agent.exited","data":{"reason":"completed","exit_code":0}}
+`)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("emit: %v: %s", err, out)
+	}
+	var got []string
+	for _, ev := range tail.events(t) {
+		got = append(got, ev.Type+" "+string(ev.Data))
+	}
+	want := []string{`step {"n":1}`, `output.line {"stream":"stdout","line":"a plain line"}`, `agent.exited {"reason":"completed","exit_code":0}`}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("tail saw %q", got)
+	}
+}

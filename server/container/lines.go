@@ -85,11 +85,11 @@ func parseEvent(line []byte) (Line, bool) {
 }
 
 // ScanLines reads r to its end, one line at a time, and calls fn with each
-// line's event by the rules of ParseLine. A line longer than limit (MaxLine
+// line's event by the rules of ParseLine, until fn returns false. A line longer than limit (MaxLine
 // when limit <= 0) is cut on a UTF-8 boundary at or before limit bytes, and the
 // rest of it is read past without being kept. A last line without a newline
 // counts.
-func ScanLines(r io.Reader, stream string, limit int, fn func(Line)) error {
+func ScanLines(r io.Reader, stream string, limit int, fn func(Line) bool) error {
 	if limit <= 0 {
 		limit = MaxLine
 	}
@@ -116,10 +116,14 @@ func ScanLines(r io.Reader, stream string, limit int, fn func(Line)) error {
 					line = line[:n]
 				}
 			}
+			var goOn bool
 			if n <= limit {
-				fn(ParseLine(stream, line[:n], 0))
+				goOn = fn(ParseLine(stream, line[:n], 0))
 			} else {
-				fn(ParseLine(stream, cutUTF8(line, limit), n))
+				goOn = fn(ParseLine(stream, cutUTF8(line, limit), n))
+			}
+			if !goOn {
+				return nil
 			}
 			head, size = head[:0], 0
 			if cap(head) > 64<<10 {

@@ -38,7 +38,7 @@ func TestScanLines(t *testing.T) {
 	long := strings.Repeat("é", 100) // 200 bytes, every rune 2 bytes
 	in := "one\r\n" + long + "\n\n" + `{"type":"x"}` + "\nlast"
 	var got []Line
-	if err := ScanLines(strings.NewReader(in), "stdout", 101, func(l Line) { got = append(got, l) }); err != nil {
+	if err := ScanLines(strings.NewReader(in), "stdout", 101, func(l Line) bool { got = append(got, l); return true }); err != nil {
 		t.Fatal(err)
 	}
 	var lines []outputLine
@@ -62,10 +62,11 @@ func TestScanLinesLongerThanBuffer(t *testing.T) {
 	over := strings.Repeat("b", 300<<10)
 	in := fits + "\r\n" + over + "\r\nend\n"
 	var got []outputLine
-	err := ScanLines(strings.NewReader(in), "stdout", 256<<10, func(l Line) {
+	err := ScanLines(strings.NewReader(in), "stdout", 256<<10, func(l Line) bool {
 		var o outputLine
 		json.Unmarshal(l.Data, &o)
 		got = append(got, o)
+		return true
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -114,7 +115,7 @@ func FuzzScanLines(f *testing.F) {
 			return
 		}
 		n := 0
-		err := ScanLines(bytes.NewReader(in), "stdout", limit, func(l Line) {
+		err := ScanLines(bytes.NewReader(in), "stdout", limit, func(l Line) bool {
 			n++
 			if l.Type == "" || !json.Valid(l.Data) {
 				t.Fatalf("bad event %q %q", l.Type, l.Data)
@@ -128,6 +129,7 @@ func FuzzScanLines(f *testing.F) {
 					t.Fatalf("cut inside a rune: %q", o.Line)
 				}
 			}
+			return true
 		})
 		if err != nil {
 			t.Fatal(err)

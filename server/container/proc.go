@@ -71,7 +71,7 @@ func (p *proc) wait(drain time.Duration, stopped func() bool, fn func(Line)) (Ex
 			if s.echo != nil {
 				r = io.TeeReader(r, s.echo)
 			}
-			if err := ScanLines(r, s.name, MaxLine, fn); err != nil && !errors.Is(err, os.ErrClosed) {
+			if err := ScanLines(r, s.name, MaxLine, func(l Line) bool { fn(l); return true }); err != nil && !errors.Is(err, os.ErrClosed) {
 				mu.Lock()
 				readErr = fmt.Errorf("%s: %w", s.name, err)
 				mu.Unlock()

@@ -34,21 +34,7 @@ type RunOptions struct {
 	Grace         time.Duration // from SIGTERM to SIGKILL when ctx ends; default 10 s
 }
 
-// Run runs a command as an agent — the container's line rules, and
-// agent.exited when it ends — and hands its events to the Sink as they
-// come. Events are batched only by what piles up while a Send is under way,
-// so a quiet agent's events go one by one at once and a fast one's go in
-// large batches. The queue between them is bounded: a Sink that cannot keep
-// up slows the command's writes rather than growing memory.
-//
-// When ctx ends the command's process group gets SIGTERM, and SIGKILL after
-// the grace period; its agent.exited then says "stopped". If the Sink fails,
-// the command is stopped the same way and Run returns the Sink's error.
-// Otherwise it returns how the command ended.
-func Run(ctx context.Context, o RunOptions) (ExitData, error) {
-	if len(o.Command) == 0 || o.Command[0] == "" {
-		return ExitData{}, fmt.Errorf("%w: no command to run", ErrBadRequest)
-	}
+func (o *RunOptions) fill() {
 	if o.MaxBatch <= 0 {
 		o.MaxBatch = 1000
 	}
@@ -58,29 +44,35 @@ func Run(ctx context.Context, o RunOptions) (ExitData, error) {
 	if o.Grace <= 0 {
 		o.Grace = 10 * time.Second
 	}
+}
+
+// Run runs a command as an agent — the container's line rules, and
+// agent.exited when it ends — and hands its events to the Sink as they
+// come (see outbox for how they are batched). The queue between them is
+// bounded: a Sink that cannot keep up slows the command's writes rather
+// than growing memory.
+//
+// When ctx ends the command's process group gets SIGTERM, and SIGKILL after
+// the grace period; its agent.exited then says "stopped". If the Sink fails,
+// the command is stopped the same way and Run returns the Sink's error.
+// Otherwise it returns how the command ended.
+func Run(ctx context.Context, o RunOptions) (ExitData, error) {
+	if len(o.Command) == 0 || o.Command[0] == "" {
+		return ExitData{}, fmt.Errorf("%w: no command to run", ErrBadRequest)
+	}
+	o.fill()
 	p, err := startProc(o.Command, "", os.Environ(), o.Stdin, o.Stdout, o.Stderr)
 	if err != nil {
 		return ExitData{}, err
 	}
-	// The events still queued when ctx ends, agent.exited among them, are
-	// delivered all the same; the sink's own retries bound how long.
-	sendCtx, cancelSend := context.WithCancel(context.WithoutCancel(ctx))
-	defer cancelSend()
-	queue := make(chan Line, 4*o.MaxBatch)
-	var sendErr error
-	sendDone := make(chan struct{}) // closed when send returns: early only if the sink failed
-	go func() {
-		defer close(sendDone)
-		sendErr = send(sendCtx, o, queue)
-	}()
-
+	out := newOutbox(ctx, o)
 	exited := make(chan struct{})
 	stopperDone := make(chan struct{})
 	go func() {
 		defer close(stopperDone)
 		select {
 		case <-ctx.Done():
-		case <-sendDone:
+		case <-out.failed:
 		case <-exited:
 			return
 		}
@@ -95,31 +87,24 @@ func Run(ctx context.Context, o RunOptions) (ExitData, error) {
 	}()
 
 	var mu sync.Mutex // the two output streams take turns in the queue
-	emit := func(l Line) {
-		if o.MaxData > 0 {
-			l = Fit(l, o.MaxData)
-		}
+	put := func(l Line) {
 		mu.Lock()
 		defer mu.Unlock()
-		select {
-		case queue <- l:
-		case <-sendDone: // the sink gave up: the rest is dropped
-		}
+		out.put(l)
 	}
 	wasStopped := func() bool {
 		select {
-		case <-sendDone:
+		case <-out.failed:
 			return true
 		default:
 			return ctx.Err() != nil
 		}
 	}
-	exit, readErr := p.wait(2*time.Second, wasStopped, emit)
+	exit, readErr := p.wait(2*time.Second, wasStopped, put)
 	close(exited)
 	data, _ := json.Marshal(exit)
-	emit(Line{Type: model.TypeExited, Data: data})
-	close(queue)
-	<-sendDone
+	out.put(Line{Type: model.TypeExited, Data: data})
+	sendErr := out.close()
 	<-stopperDone
 	if sendErr != nil {
 		return exit, sendErr
@@ -127,8 +112,74 @@ func Run(ctx context.Context, o RunOptions) (ExitData, error) {
 	return exit, readErr
 }
 
+// Emit hands the lines of r, by the line rules (an event line as written,
+// anything else as an output.line of stream "stdout"), to the Sink, batched
+// as Run's are, and adds nothing of its own. It returns once r ends and
+// everything is sent, or, if the Sink fails, with the Sink's error at the
+// next line read.
+func Emit(ctx context.Context, r io.Reader, o RunOptions) error {
+	o.fill()
+	out := newOutbox(ctx, o)
+	readErr := ScanLines(r, "stdout", MaxLine, func(l Line) bool { return out.put(l) })
+	if err := out.close(); err != nil {
+		return err
+	}
+	return readErr
+}
+
+// outbox is the bounded queue between an agent's lines and a Sink, and the
+// goroutine that empties it. Lines are batched only by what piles up while
+// a Send is under way, so a quiet agent's events go one by one at once and
+// a fast one's go in large batches.
+type outbox struct {
+	o      RunOptions
+	queue  chan Line
+	failed chan struct{} // closed when the sink has given up
+	done   chan struct{} // closed when the sender has returned
+	err    error         // the sink's error; read after done
+	cancel context.CancelFunc
+}
+
+func newOutbox(ctx context.Context, o RunOptions) *outbox {
+	// What is queued when ctx ends, agent.exited among it, is delivered all
+	// the same; the sink's own retries bound how long.
+	sendCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	b := &outbox{o: o, queue: make(chan Line, 4*o.MaxBatch), failed: make(chan struct{}), done: make(chan struct{}), cancel: cancel}
+	go func() {
+		defer close(b.done)
+		if b.err = b.send(sendCtx); b.err != nil {
+			close(b.failed)
+		}
+	}()
+	return b
+}
+
+// put queues l, fitted to MaxData, and reports whether the sink still takes
+// lines: after it fails, lines are dropped.
+func (b *outbox) put(l Line) bool {
+	if b.o.MaxData > 0 {
+		l = Fit(l, b.o.MaxData)
+	}
+	select {
+	case b.queue <- l:
+		return true
+	case <-b.failed:
+		return false
+	}
+}
+
+// close waits until everything queued is sent and returns the sink's error.
+func (b *outbox) close() error {
+	close(b.queue)
+	<-b.done
+	b.cancel()
+	return b.err
+}
+
 // send hands queued lines to the sink until the queue is closed and empty.
-func send(ctx context.Context, o RunOptions, queue <-chan Line) error {
+func (b *outbox) send(ctx context.Context) error {
+	o := b.o
+	queue := b.queue
 	batch := make([]Line, 0, o.MaxBatch)
 	for l := range queue {
 		batch = append(batch[:0], l)

@@ -124,3 +124,46 @@ func TestRunBadCommand(t *testing.T) {
 		}
 	}
 }
+
+func TestEmit(t *testing.T) {
+	sink := &recordSink{}
+	in := "{\"type\":\"step\",\"data\":{\"n\":1}}\nplain\n{\"type\":\"agent.exited\",\"data\":{\"reason\":\"completed\",\"exit_code\":0}}\n"
+	if err := Emit(context.Background(), strings.NewReader(in), RunOptions{Sink: sink}); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, l := range sink.lines() {
+		got = append(got, l.Type+" "+string(l.Data))
+	}
+	want := `step {"n":1}|output.line {"stream":"stdout","line":"plain"}|agent.exited {"reason":"completed","exit_code":0}`
+	if strings.Join(got, "|") != want {
+		t.Fatalf("emitted %q", got)
+	}
+}
+
+// endless is a producer that never stops writing lines.
+type endless struct{}
+
+func (endless) Read(p []byte) (int, error) {
+	n := 0
+	for n+5 <= len(p) {
+		n += copy(p[n:], "tick\n")
+	}
+	return n, nil
+}
+
+// TestEmitStopsWhenSinkFails: a refused sink ends Emit even while its input
+// goes on, so that `producer | agentstream emit` with a wrong token exits.
+func TestEmitStopsWhenSinkFails(t *testing.T) {
+	refused := errors.New("401 wrong token")
+	done := make(chan error, 1)
+	go func() { done <- Emit(context.Background(), endless{}, RunOptions{Sink: &recordSink{fail: refused}}) }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, refused) {
+			t.Fatalf("Emit: %v, want the sink's error", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Emit went on reading after its sink failed")
+	}
+}
