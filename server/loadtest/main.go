@@ -152,16 +152,7 @@ func start(kind, bin string) *server {
 		log.Fatal(err)
 	}
 	s.base = "http://" + addr
-	for i := 0; ; i++ {
-		if resp, err := http.Get(s.base + "/healthz"); err == nil {
-			resp.Body.Close()
-			break
-		}
-		if i == 200 {
-			log.Fatalf("%s did not come up", kind)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitHealthy(s.base)
 	return s
 }
 
