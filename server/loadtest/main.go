@@ -124,12 +124,7 @@ func start(kind, bin string) *server {
 		log.Fatal(err)
 	}
 	s := &server{dir: dir, naive: kind == "r3labs-naive"}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		log.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
+	addr := freeAddr()
 	if s.naive {
 		self, _ := os.Executable()
 		s.cmd = exec.Command(self, "-naive-serve", addr)
