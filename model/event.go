@@ -36,14 +36,39 @@ type Event struct {
 	UpstreamSeq int64  `bun:"upstream_seq,nullzero"`
 }
 
-// PruneMark records, per agent, the id up to which retention has deleted
-// events. It is what tells a client whose cursor is older that it missed
-// events (a gap), rather than letting it skip them silently.
+// PruneMark records, per agent of a town, the id up to which retention has
+// deleted its events. It is what tells a client whose cursor is older that
+// it missed events (a gap), rather than letting it skip them silently.
 type PruneMark struct {
 	bun.BaseModel `bun:"table:agent_prune_marks"`
 
+	TownID        string `bun:"town_id,pk"`
 	AgentID       string `bun:"agent_id,pk"`
 	PrunedThrough int64  `bun:"pruned_through,notnull"`
+}
+
+// Agent is the binding of an agent of a town to its rig, made by the
+// agent's first event. It is what stops a token of another rig of the same
+// town from writing into the agent's stream (or ending it).
+type Agent struct {
+	bun.BaseModel `bun:"table:agents"`
+
+	TownID    string    `bun:"town_id,pk"`
+	AgentID   string    `bun:"agent_id,pk"`
+	RigID     string    `bun:"rig_id,notnull"`
+	CreatedAt time.Time `bun:"created_at,notnull"`
+}
+
+// RigConflictError is Append's error for events of an agent that is bound
+// to another rig of its town. None of the request's events are stored.
+type RigConflictError struct {
+	Town, Agent string
+	Rig         string // the rig the agent is bound to
+	Posted      string // the rig the refused events named
+}
+
+func (e *RigConflictError) Error() string {
+	return fmt.Sprintf("agent %q of town %q belongs to rig %q, not %q", e.Agent, e.Town, e.Rig, e.Posted)
 }
 
 // TimeFormat is how created_at is written on the wire: RFC 3339 in UTC with

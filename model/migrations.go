@@ -24,7 +24,7 @@ func migrations() *migrate.Migrations {
 		Name:    "20261125000002",
 		Comment: "agent_prune_marks",
 		Up: func(ctx context.Context, m *migrate.Migrator, _ *migrate.Migration) error {
-			_, err := m.DB().NewCreateTable().Model((*PruneMark)(nil)).IfNotExists().Exec(ctx)
+			_, err := m.DB().NewCreateTable().Model((*pruneMarkV1)(nil)).IfNotExists().Exec(ctx)
 			return err
 		},
 	})
@@ -53,7 +53,62 @@ func migrations() *migrate.Migrations {
 			return err
 		},
 	})
+	ms.Add(migrate.Migration{
+		Name:    "20261127000005",
+		Comment: "agents bound to rigs; prune marks and indexes per (town, agent)",
+		Up: func(ctx context.Context, m *migrate.Migrator, _ *migrate.Migration) error {
+			return identityPerTown(ctx, m.DB())
+		},
+	})
 	return ms
+}
+
+// pruneMarkV1 is agent_prune_marks as the second migration created it,
+// keyed by agent id alone: retention then counted one agent id's events
+// across towns.
+type pruneMarkV1 struct {
+	bun.BaseModel `bun:"table:agent_prune_marks"`
+
+	AgentID       string `bun:"agent_id,pk"`
+	PrunedThrough int64  `bun:"pruned_through,notnull"`
+}
+
+// identityPerTown makes (town, agent) the identity of an agent everywhere.
+//
+//   - agents binds each agent of a town to the rig of its first event, as
+//     ingest will from now on. Events another rig posted as the agent
+//     before this migration stay where they are.
+//   - agent_prune_marks is keyed by (town, agent). An old mark, keyed by the
+//     agent id alone, is copied to every town that has that agent id (in its
+//     events or its tickets): a mark too high only tells of a gap that may
+//     not be there, one too low would hide a real one.
+//   - the index on agent_id alone goes: every read names the town.
+func identityPerTown(ctx context.Context, db *bun.DB) error {
+	stmts := []string{
+		`CREATE TABLE agents (town_id VARCHAR NOT NULL, agent_id VARCHAR NOT NULL, rig_id VARCHAR NOT NULL,
+			created_at TIMESTAMP NOT NULL, PRIMARY KEY (town_id, agent_id))`,
+		`INSERT INTO agents (town_id, agent_id, rig_id, created_at)
+			SELECT e.town_id, e.agent_id, e.rig_id, e.created_at FROM agent_events AS e
+			WHERE e.id IN (SELECT MIN(id) FROM agent_events GROUP BY town_id, agent_id)`,
+		`ALTER TABLE agent_prune_marks RENAME TO agent_prune_marks_v1`,
+		`CREATE TABLE agent_prune_marks (town_id VARCHAR NOT NULL, agent_id VARCHAR NOT NULL,
+			pruned_through BIGINT NOT NULL, PRIMARY KEY (town_id, agent_id))`,
+		`INSERT INTO agent_prune_marks (town_id, agent_id, pruned_through)
+			SELECT k.town_id, k.agent_id, m.pruned_through FROM agent_prune_marks_v1 AS m
+			JOIN (SELECT DISTINCT town_id, agent_id FROM agent_events
+				UNION SELECT DISTINCT town_id, agent_id FROM stream_tickets) AS k ON k.agent_id = m.agent_id`,
+		`DROP TABLE agent_prune_marks_v1`,
+		`DROP INDEX IF EXISTS agent_events_agent_id_id`,
+		`CREATE INDEX IF NOT EXISTS stream_tickets_town_expires ON stream_tickets (town_id, expires_at)`,
+	}
+	return db.RunInTx(ctx, nil, func(ctx context.Context, tx bun.Tx) error {
+		for _, q := range stmts {
+			if _, err := tx.ExecContext(ctx, q); err != nil {
+				return fmt.Errorf("%.40s...: %w", q, err)
+			}
+		}
+		return nil
+	})
 }
 
 // eventV1 is agent_events as the first migration created it. Migrations
@@ -75,8 +130,9 @@ func createAgentEvents(ctx context.Context, db *bun.DB) error {
 	if _, err := db.NewCreateTable().Model((*eventV1)(nil)).IfNotExists().Exec(ctx); err != nil {
 		return fmt.Errorf("create agent_events: %w", err)
 	}
-	// (agent_id, id) serves every stream read: one agent, after a cursor.
-	// (town_id, agent_id, id) serves the agent list of a town.
+	// (town_id, agent_id, id) serves every stream read — one agent, after a
+	// cursor — and the agent list of a town. (agent_id, id) went in
+	// identityPerTown.
 	for name, cols := range map[string][]string{
 		"agent_events_agent_id_id":      {"agent_id", "id"},
 		"agent_events_town_agent_id_id": {"town_id", "agent_id", "id"},

@@ -67,10 +67,13 @@ type Store struct {
 	appendc chan *appendReq
 	wdone   chan struct{}
 
+	// rigs caches agents' rig bindings; only the writer goroutine uses it.
+	rigs map[townAgent]string
+
 	pruneMu sync.Mutex // one pruning pass at a time
 	dirtyMu sync.Mutex
-	dirty   map[string]struct{} // agents appended to since the last prune
-	prunec  chan struct{}       // wakes the pruner; capacity 1
+	dirty   map[townAgent]struct{} // agents appended to since the last prune
+	prunec  chan struct{}          // wakes the pruner; capacity 1
 	pstop   chan struct{}
 	pdone   chan struct{}
 }
@@ -78,7 +81,15 @@ type Store struct {
 type appendReq struct {
 	events []Event
 	done   chan error // capacity 1: the writer never blocks on it
+	err    error      // set by the writer when this request alone is refused
 }
+
+// townAgent is an agent's identity: its town and its id.
+type townAgent struct{ town, agent string }
+
+// maxRigCache bounds the writer's cache of rig bindings; past it the cache
+// starts over (it is only a cache: the agents table is the truth).
+const maxRigCache = 100_000
 
 // Open opens (creating it if needed) the database named by dsn and brings its
 // schema up to date. dsn is "sqlite:PATH", or a bare PATH.
@@ -142,7 +153,8 @@ func newStore(db *bun.DB, opts Options) *Store {
 		log:     log,
 		appendc: make(chan *appendReq, 1024),
 		wdone:   make(chan struct{}),
-		dirty:   make(map[string]struct{}),
+		dirty:   make(map[townAgent]struct{}),
+		rigs:    make(map[townAgent]string),
 		prunec:  make(chan struct{}, 1),
 		pstop:   make(chan struct{}),
 		pdone:   make(chan struct{}),
@@ -165,6 +177,10 @@ func (s *Store) Ping(ctx context.Context) error {
 // CreatedAt, when zero). When it returns nil the events are durable. Appends
 // from many goroutines are committed together; each caller's events stay
 // contiguous and in the order given.
+//
+// An agent's first event binds it to that event's rig. Events of an agent
+// that is bound to another rig are refused with a *RigConflictError, and
+// none of that call's events are stored.
 //
 // If ctx ends first Append returns its error, but events already queued may
 // still be committed.
@@ -222,30 +238,52 @@ func (s *Store) writeLoop() {
 				break drain
 			}
 		}
-		err := s.commit(group)
+		bound, err := s.commit(group)
 		if err == nil {
+			for k, rig := range bound {
+				if len(s.rigs) >= maxRigCache {
+					clear(s.rigs)
+				}
+				s.rigs[k] = rig
+			}
 			s.markDirty(group)
 			// Before answering: the callers own their slices again after.
 			if fn := s.onCommit.Load(); fn != nil {
 				for _, r := range group {
-					(*fn)(r.events)
+					if r.err == nil {
+						(*fn)(r.events)
+					}
 				}
 			}
 		}
 		for _, r := range group {
-			r.done <- err
+			if err != nil {
+				r.done <- err
+			} else {
+				r.done <- r.err
+			}
 		}
 		clear(group) // drop references to the callers' slices
 	}
 }
 
-// commit writes a group in one transaction. It does not take a caller's
-// context: one caller giving up must not abort the others' events.
-func (s *Store) commit(group []*appendReq) error {
+// commit writes a group in one transaction, and returns the rig bindings it
+// read or made. A request with an event of an agent bound to another rig is
+// left out, with its err set. commit does not take a caller's context: one
+// caller giving up must not abort the others' events.
+func (s *Store) commit(group []*appendReq) (map[townAgent]string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	return s.db.RunInTx(ctx, nil, func(ctx context.Context, tx bun.Tx) error {
+	var bound map[townAgent]string
+	err := s.db.RunInTx(ctx, nil, func(ctx context.Context, tx bun.Tx) error {
+		var err error
+		if bound, err = s.bindRigs(ctx, tx, group); err != nil {
+			return err
+		}
 		for _, r := range group {
+			if r.err != nil {
+				continue
+			}
 			for evs := range slices.Chunk(r.events, 500) {
 				if err := insertEvents(ctx, tx, evs); err != nil {
 					return err
@@ -254,6 +292,101 @@ func (s *Store) commit(group []*appendReq) error {
 		}
 		return nil
 	})
+	return bound, err
+}
+
+// bindRigs checks every event's rig against its agent's binding, in the
+// transaction that will store the events, and binds agents seen for the
+// first time to the rig of their first event. Requests that name another
+// rig get a *RigConflictError in err.
+//
+// Bindings are read inside the write transaction (SQLite's write lock is
+// held from BEGIN IMMEDIATE), so a binding another process made a moment
+// ago is seen; a new one is inserted with ON CONFLICT DO NOTHING and read
+// back, so that of two writers racing to bind an agent one wins and the
+// other is refused.
+func (s *Store) bindRigs(ctx context.Context, tx bun.Tx, group []*appendReq) (map[townAgent]string, error) {
+	bound := make(map[townAgent]string)
+	var fresh []Agent // agents this group binds first
+	for _, r := range group {
+		r.err = nil
+		for i := range r.events {
+			e := &r.events[i]
+			k := townAgent{e.TownID, e.AgentID}
+			rig, ok := bound[k]
+			if !ok {
+				rig, ok = s.rigs[k]
+			}
+			if !ok {
+				var err error
+				if rig, err = boundRig(ctx, tx, k); err != nil {
+					return nil, err
+				}
+				ok = rig != ""
+			}
+			if !ok {
+				// First sight: this event's rig is the binding, unless
+				// the database says otherwise below.
+				rig = e.RigID
+				fresh = append(fresh, Agent{TownID: k.town, AgentID: k.agent, RigID: rig, CreatedAt: e.CreatedAt})
+			}
+			bound[k] = rig
+			if rig != e.RigID {
+				r.err = &RigConflictError{Town: k.town, Agent: k.agent, Rig: rig, Posted: e.RigID}
+				break
+			}
+		}
+	}
+	if len(fresh) == 0 {
+		return bound, nil
+	}
+	if _, err := tx.NewInsert().Model(&fresh).On("CONFLICT DO NOTHING").Exec(ctx); err != nil {
+		return nil, fmt.Errorf("bind agents: %w", err)
+	}
+	// Read back what won: another writer may have bound one first.
+	raced := false
+	for _, a := range fresh {
+		k := townAgent{a.TownID, a.AgentID}
+		rig, err := boundRig(ctx, tx, k)
+		if err != nil {
+			return nil, err
+		}
+		if rig != a.RigID {
+			bound[k] = rig
+			raced = true
+		}
+	}
+	if raced {
+		for _, r := range group {
+			for i := range r.events {
+				e := &r.events[i]
+				if rig := bound[townAgent{e.TownID, e.AgentID}]; r.err == nil && rig != e.RigID {
+					r.err = &RigConflictError{Town: e.TownID, Agent: e.AgentID, Rig: rig, Posted: e.RigID}
+				}
+			}
+		}
+	}
+	return bound, nil
+}
+
+// boundRig returns the rig k is bound to, or "" when it is not yet.
+func boundRig(ctx context.Context, db bun.IDB, k townAgent) (string, error) {
+	var rig string
+	err := db.NewSelect().Model((*Agent)(nil)).Column("rig_id").
+		Where("town_id = ?", k.town).Where("agent_id = ?", k.agent).Scan(ctx, &rig)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("rig of %s/%s: %w", k.town, k.agent, err)
+	}
+	return rig, nil
+}
+
+// Rig returns the rig an agent of a town is bound to, or "" if it has
+// posted nothing yet.
+func (s *Store) Rig(ctx context.Context, k AgentKey) (string, error) {
+	return boundRig(ctx, s.db, townAgent{k.Town, k.Agent})
 }
 
 func insertEvents(ctx context.Context, tx bun.Tx, evs []Event) error {
@@ -350,8 +483,11 @@ func (s *Store) After(ctx context.Context, k AgentKey, afterID int64, limit int)
 func (s *Store) Agents(ctx context.Context, town string) ([]AgentSummary, error) {
 	var evs []Event
 	err := s.db.NewSelect().Model(&evs).
-		Where("id IN (?)", s.db.NewSelect().Model((*Event)(nil)).
-			ColumnExpr("MAX(id)").Where("town_id = ?", town).Group("agent_id")).
+		// The latest event in the agent's own rig: events another rig
+		// posted as it before rigs were bound do not speak for it.
+		Where("id IN (?)", s.db.NewSelect().TableExpr("agent_events AS e").
+			Join("JOIN agents AS a ON a.town_id = e.town_id AND a.agent_id = e.agent_id AND a.rig_id = e.rig_id").
+			ColumnExpr("MAX(e.id)").Where("e.town_id = ?", town).Group("e.agent_id")).
 		OrderExpr("id DESC").
 		Scan(ctx)
 	if err != nil && !errors.Is(err, sql.ErrNoRows) {
@@ -387,8 +523,11 @@ func (s *Store) markDirty(group []*appendReq) {
 	}
 	s.dirtyMu.Lock()
 	for _, r := range group {
+		if r.err != nil {
+			continue
+		}
 		for i := range r.events {
-			s.dirty[r.events[i].AgentID] = struct{}{}
+			s.dirty[townAgent{r.events[i].TownID, r.events[i].AgentID}] = struct{}{}
 		}
 	}
 	s.dirtyMu.Unlock()
@@ -432,7 +571,7 @@ func (s *Store) Prune(ctx context.Context) error {
 	s.pruneMu.Lock()
 	defer s.pruneMu.Unlock()
 	s.dirtyMu.Lock()
-	agents := make([]string, 0, len(s.dirty))
+	agents := make([]townAgent, 0, len(s.dirty))
 	for a := range s.dirty {
 		agents = append(agents, a)
 	}
@@ -446,13 +585,14 @@ func (s *Store) Prune(ctx context.Context) error {
 	return nil
 }
 
-func (s *Store) pruneAgent(ctx context.Context, agent string) error {
+func (s *Store) pruneAgent(ctx context.Context, k townAgent) error {
 	if s.opts.Retain < 0 {
 		return nil
 	}
+	agent := k.town + "/" + k.agent // for errors
 	var cutoff int64
 	err := s.db.NewSelect().Model((*Event)(nil)).Column("id").
-		Where("agent_id = ?", agent).OrderExpr("id DESC").
+		Where("town_id = ?", k.town).Where("agent_id = ?", k.agent).OrderExpr("id DESC").
 		Offset(int64(s.opts.Retain)).Limit(1).Scan(ctx, &cutoff)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil
@@ -463,9 +603,9 @@ func (s *Store) pruneAgent(ctx context.Context, agent string) error {
 	// The mark goes first: if the process dies between the two, a client
 	// below the mark is told of a gap that is not there yet — never the
 	// other way round.
-	mark := &PruneMark{AgentID: agent, PrunedThrough: cutoff}
+	mark := &PruneMark{TownID: k.town, AgentID: k.agent, PrunedThrough: cutoff}
 	if _, err := s.db.NewInsert().Model(mark).
-		On("CONFLICT (agent_id) DO UPDATE").
+		On("CONFLICT (town_id, agent_id) DO UPDATE").
 		Set("pruned_through = EXCLUDED.pruned_through").
 		Exec(ctx); err != nil {
 		return fmt.Errorf("prune %s: mark: %w", agent, err)
@@ -473,7 +613,7 @@ func (s *Store) pruneAgent(ctx context.Context, agent string) error {
 	for {
 		res, err := s.db.NewDelete().Model((*Event)(nil)).
 			Where("id IN (?)", s.db.NewSelect().Model((*Event)(nil)).Column("id").
-				Where("agent_id = ?", agent).Where("id <= ?", cutoff).
+				Where("town_id = ?", k.town).Where("agent_id = ?", k.agent).Where("id <= ?", cutoff).
 				OrderExpr("id ASC").Limit(500)).
 			Exec(ctx)
 		if err != nil {
@@ -485,12 +625,12 @@ func (s *Store) pruneAgent(ctx context.Context, agent string) error {
 	}
 }
 
-// PrunedThrough returns the id up to which retention has deleted the agent's
-// events, or 0 if nothing was pruned. Marks are per agent id: retention
-// counts an agent's events across towns.
+// PrunedThrough returns the id up to which retention has deleted the
+// agent's events, or 0 if nothing was pruned. Retention counts each agent
+// of each town on its own.
 func (s *Store) PrunedThrough(ctx context.Context, k AgentKey) (int64, error) {
 	var m PruneMark
-	err := s.db.NewSelect().Model(&m).Where("agent_id = ?", k.Agent).Scan(ctx)
+	err := s.db.NewSelect().Model(&m).Where("town_id = ?", k.Town).Where("agent_id = ?", k.Agent).Scan(ctx)
 	if errors.Is(err, sql.ErrNoRows) {
 		return 0, nil
 	}

@@ -186,6 +186,12 @@ func (s *Server) handleIngest(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	err = s.store.Append(r.Context(), events)
 	s.metrics.appendSeconds.Observe(time.Since(start).Seconds())
+	var conflict *model.RigConflictError
+	if errors.As(err, &conflict) {
+		writeError(w, errorf(http.StatusConflict, "agent_in_other_rig",
+			fmt.Sprintf("Agent %q of town %q belongs to rig %q; a token of rig %q cannot post as it.", conflict.Agent, conflict.Town, conflict.Rig, conflict.Posted)))
+		return
+	}
 	if err != nil {
 		s.storeFailed(w, "append", err)
 		return
