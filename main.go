@@ -166,8 +166,27 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	upRig := fs.String("upstream-rig", "", "rig the upstream container's agents belong to")
 	upBusy := fs.Duration("upstream-busy-interval", 100*time.Millisecond, "time between pulls of an upstream agent whose last pull brought events (at most --poll-interval)")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
+	maxConns := fs.Int("max-conns", 0, fmt.Sprintf("most connections open at once; past it one is refused at once (default: the open-file limit less %d)", server.ConnReserve))
+	townStreams := fs.Int("max-streams-per-town", server.DefaultStreamsPerTown, "most streams one town may hold open, HTTP/2 streams included; past it 429")
+	townTickets := fs.Int("max-tickets-per-town", server.DefaultTicketsPerTown, "most unredeemed stream tickets one town may hold; past it 429")
+	ingestEvents := fs.Float64("ingest-rate", server.DefaultIngestEvents, "events per second one agent may post, sustained; past it 429 with Retry-After")
+	ingestEventBurst := fs.Int("ingest-burst", server.DefaultIngestEventBurst, "events one agent may post at once after a quiet spell (at least 1000, a full batch)")
+	ingestBytes := fs.Float64("ingest-bytes-rate", server.DefaultIngestBytes, "request body bytes per second one agent may post, sustained")
+	ingestByteBurst := fs.Int("ingest-bytes-burst", server.DefaultIngestByteBurst, "request body bytes one agent may post at once (at least 1 MiB, a full body)")
+	readHeader := fs.Duration("read-header-timeout", server.DefaultReadHeaderTimeout, "time a client has to send a request's headers")
+	bodyTimeout := fs.Duration("body-timeout", server.DefaultBodyTimeout, "time a client has to send a request's body")
+	idle := fs.Duration("idle-timeout", server.DefaultIdleTimeout, "time a keep-alive connection may wait for its next request")
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	if *maxConns < 0 || *townStreams < 1 || *townTickets < 1 || *ingestEvents <= 0 || *ingestBytes <= 0 {
+		return usageError{"--max-conns must be >= 0; --max-streams-per-town, --max-tickets-per-town, --ingest-rate and --ingest-bytes-rate must be positive"}
+	}
+	if *ingestEventBurst < server.MaxBatch || *ingestByteBurst < server.MaxBodyBytes {
+		return usageError{fmt.Sprintf("--ingest-burst must be at least %d and --ingest-bytes-burst at least %d: a full request must fit", server.MaxBatch, server.MaxBodyBytes)}
+	}
+	if *readHeader <= 0 || *bodyTimeout <= 0 || *idle <= 0 {
+		return usageError{"--read-header-timeout, --body-timeout and --idle-timeout must be positive"}
 	}
 	if *retain < 1 {
 		return usageError{"--retain must be at least 1"}
@@ -200,6 +219,12 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 		WriteTimeout: *writeTimeout, Keepalive: *keepalive, Origins: origins,
 		TLSCert: *tlsCert, TLSKey: *tlsKey,
 		Secret: os.Getenv("AGENTSTREAM_SECRET"), Log: log, Out: stdout,
+		MaxConns: *maxConns, ReadHeaderTimeout: *readHeader, IdleTimeout: *idle,
+		Limits: server.Limits{
+			StreamsPerTown: *townStreams, TicketsPerTown: *townTickets, BodyTimeout: *bodyTimeout,
+			IngestEvents: *ingestEvents, IngestEventBurst: *ingestEventBurst,
+			IngestBytes: *ingestBytes, IngestByteBurst: *ingestByteBurst,
+		},
 	}
 	if *demo {
 		if cfg.Demo, err = loadDemo(); err != nil {

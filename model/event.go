@@ -172,3 +172,27 @@ func CheckType(typ string) string {
 	}
 	return ""
 }
+
+// MaxIDLen is the longest town, rig or agent id.
+const MaxIDLen = 128
+
+// CheckID returns why id is not a valid town, rig or agent id, or "" when
+// it is: 1 to MaxIDLen characters of A-Z, a-z, 0-9, '.', '_', ':', '@',
+// '+' and '-'. Such an id stands in a URL path, a log line, a metric label
+// or a file name as it is, with no escaping to get wrong. what names the
+// id in the message ("agent_id", "town").
+func CheckID(what, id string) string {
+	if id == "" {
+		return what + " is required: 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', ':', '@', '+' and '-'."
+	}
+	if len(id) > MaxIDLen {
+		return fmt.Sprintf("%s is %d bytes; at most %d are allowed.", what, len(id), MaxIDLen)
+	}
+	for _, c := range []byte(id) {
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' ||
+			c == '.' || c == '_' || c == ':' || c == '@' || c == '+' || c == '-') {
+			return fmt.Sprintf("%s %q has a character outside A-Z, a-z, 0-9, '.', '_', ':', '@', '+' and '-'.", what, id)
+		}
+	}
+	return ""
+}

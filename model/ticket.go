@@ -4,7 +4,9 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
+	"math"
 	"time"
 
 	"github.com/uptrace/bun"
@@ -24,20 +26,55 @@ type StreamTicket struct {
 	UsedAt    *time.Time `bun:"used_at"`
 }
 
-// CreateTicket stores a new ticket for one agent of a town, valid for ttl.
-func (s *Store) CreateTicket(ctx context.Context, town, agent string, ttl time.Duration) (*StreamTicket, error) {
+// ErrTooManyTickets is CreateTicket's error when the town already holds
+// its limit of unredeemed tickets.
+var ErrTooManyTickets = errors.New("too many unredeemed stream tickets")
+
+// CreateTicket stores a new ticket for one agent of a town, valid for ttl,
+// unless the town already holds limit unredeemed, unexpired tickets (then
+// ErrTooManyTickets; limit <= 0 means no limit). The count and the insert
+// are one statement, so concurrent requests cannot overshoot the limit.
+func (s *Store) CreateTicket(ctx context.Context, town, agent string, ttl time.Duration, limit int) (*StreamTicket, error) {
 	var raw [16]byte
 	rand.Read(raw[:])
+	now := time.Now().UTC()
 	t := &StreamTicket{
 		ID:        hex.EncodeToString(raw[:]),
 		TownID:    town,
 		AgentID:   agent,
-		ExpiresAt: time.Now().UTC().Add(ttl).Truncate(time.Microsecond),
+		ExpiresAt: now.Add(ttl).Truncate(time.Microsecond),
 	}
-	if _, err := s.db.NewInsert().Model(t).Exec(ctx); err != nil {
+	if limit <= 0 {
+		limit = math.MaxInt32
+	}
+	res, err := s.db.NewRaw(`INSERT INTO stream_tickets (id, town_id, agent_id, expires_at)
+		SELECT ?, ?, ?, ? WHERE (SELECT COUNT(*) FROM stream_tickets
+			WHERE town_id = ? AND used_at IS NULL AND expires_at > ?) < ?`,
+		t.ID, t.TownID, t.AgentID, t.ExpiresAt, town, now, limit).Exec(ctx)
+	if err != nil {
 		return nil, fmt.Errorf("create ticket: %w", err)
 	}
+	if n, err := res.RowsAffected(); err != nil {
+		return nil, fmt.Errorf("create ticket: %w", err)
+	} else if n == 0 {
+		return nil, ErrTooManyTickets
+	}
 	return t, nil
+}
+
+// ValidTicketID reports whether id has the shape of a ticket id: 32
+// lowercase hex digits. Anything else is refused before the database is
+// asked.
+func ValidTicketID(id string) bool {
+	if len(id) != 32 {
+		return false
+	}
+	for _, c := range []byte(id) {
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 // RedeemTicket uses up a ticket for town and agent. It is one UPDATE, so of

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/agentstream/agentstream/model"
 )
 
 // Token scopes.
@@ -46,6 +48,9 @@ func (a *Auth) MintAgent(town, rig, agent string, ttl time.Duration) (string, er
 	if town == "" || rig == "" || agent == "" {
 		return "", errors.New("an agent token needs a town, a rig and an agent")
 	}
+	if err := checkClaimIDs("town", town, "rig", rig, "agent", agent); err != nil {
+		return "", err
+	}
 	return a.mint(Claims{Scope: ScopeAgent, Town: town, Rig: rig, RegisteredClaims: jwt.RegisteredClaims{Subject: agent}}, ttl)
 }
 
@@ -53,6 +58,9 @@ func (a *Auth) MintAgent(town, rig, agent string, ttl time.Duration) (string, er
 func (a *Auth) MintViewer(town string, ttl time.Duration) (string, error) {
 	if town == "" {
 		return "", errors.New("a viewer token needs a town")
+	}
+	if err := checkClaimIDs("town", town); err != nil {
+		return "", err
 	}
 	return a.mint(Claims{Scope: ScopeViewer, Town: town}, ttl)
 }
@@ -67,9 +75,15 @@ func (a *Auth) mint(c Claims, ttl time.Duration) (string, error) {
 	return jwt.NewWithClaims(jwt.SigningMethodHS256, c).SignedString(a.key)
 }
 
+// maxIssuedAhead is how far in the future a token's iat may be: clocks of
+// the machines that mint and verify may differ a little, but a token
+// "issued" later than this was not made by an honest minter.
+const maxIssuedAhead = time.Minute
+
 // Verify checks a token's signature (HS256 only: "none" and every other
-// algorithm are refused), requires an unexpired exp, and checks that the
-// claims fit the scope.
+// algorithm are refused), requires an unexpired exp and an iat, if any, not
+// more than a minute ahead, and checks that the claims fit the scope and
+// name valid ids.
 func (a *Auth) Verify(token string) (*Claims, error) {
 	var c Claims
 	_, err := jwt.ParseWithClaims(token, &c, func(*jwt.Token) (any, error) { return a.key, nil },
@@ -80,19 +94,37 @@ func (a *Auth) Verify(token string) (*Claims, error) {
 	if err != nil {
 		return nil, err
 	}
+	if c.IssuedAt != nil && c.IssuedAt.After(time.Now().Add(maxIssuedAhead)) {
+		return nil, errors.New("token is issued in the future (iat)")
+	}
 	switch c.Scope {
 	case ScopeAgent:
 		if c.Subject == "" || c.Rig == "" || c.Town == "" {
 			return nil, errors.New("agent token lacks sub, rig or town")
 		}
+		err = checkClaimIDs("town", c.Town, "rig", c.Rig, "agent", c.Subject)
 	case ScopeViewer:
 		if c.Town == "" {
 			return nil, errors.New("viewer token lacks town")
 		}
+		err = checkClaimIDs("town", c.Town)
 	default:
 		return nil, fmt.Errorf("unknown scope %q", c.Scope)
 	}
+	if err != nil {
+		return nil, err
+	}
 	return &c, nil
+}
+
+// checkClaimIDs checks ids, given as name, value pairs, by model.CheckID.
+func checkClaimIDs(pairs ...string) error {
+	for i := 0; i+1 < len(pairs); i += 2 {
+		if msg := model.CheckID(pairs[i], pairs[i+1]); msg != "" {
+			return errors.New(strings.TrimSuffix(msg, "."))
+		}
+	}
+	return nil
 }
 
 // authenticate reads the Bearer token of r.

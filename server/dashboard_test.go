@@ -443,7 +443,7 @@ func (r *restartable) start() {
 		r.t.Fatal(err)
 	}
 	r.addr = ln.Addr().String()
-	hs := newHTTPServer(api, api.log)
+	hs := newHTTPServer(api, api.log, 0, 0)
 	go hs.Serve(ln)
 	r.stop = func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

@@ -3,6 +3,7 @@ package server
 import (
 	"encoding/json"
 	"net/http"
+	"time"
 )
 
 // apiError is an error the API reports to its client: an HTTP status and a
@@ -11,6 +12,8 @@ type apiError struct {
 	Status  int
 	Code    string
 	Message string
+
+	retryAfter time.Duration // from a response's Retry-After, for clients
 }
 
 func (e *apiError) Error() string { return e.Code + ": " + e.Message }

@@ -20,7 +20,7 @@ const (
 	MaxDataBytes = 64 << 10 // one event's data, compacted
 	MaxBatch     = 1000     // events in one request
 	MaxTypeLen   = model.MaxTypeLen
-	MaxIDLen     = 128 // agent ids
+	MaxIDLen     = model.MaxIDLen // town, rig and agent ids
 )
 
 // Input is one event as an agent posts it.
@@ -81,8 +81,10 @@ func ParseIngest(body []byte) ([]Input, error) {
 }
 
 func checkInput(e *Input) *apiError {
-	if len(e.AgentID) > MaxIDLen {
-		return errorf(http.StatusBadRequest, "invalid_agent_id", fmt.Sprintf("agent_id is longer than %d bytes.", MaxIDLen))
+	if e.AgentID != "" {
+		if msg := model.CheckID("agent_id", e.AgentID); msg != "" {
+			return errorf(http.StatusBadRequest, "invalid_agent_id", msg)
+		}
 	}
 	if msg := checkType(e.Type); msg != "" {
 		return errorf(http.StatusBadRequest, "invalid_type", msg)
@@ -144,6 +146,10 @@ func (s *Server) handleIngest(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	rig := r.PathValue("rigId")
+	if aerr := checkIDs("rig", rig); aerr != nil {
+		writeError(w, aerr)
+		return
+	}
 	if c.Scope != ScopeAgent {
 		writeError(w, errorf(http.StatusForbidden, "wrong_scope", "Posting events needs an agent token."))
 		return
@@ -161,6 +167,12 @@ func (s *Server) handleIngest(w http.ResponseWriter, r *http.Request) {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
 			writeError(w, errorf(http.StatusRequestEntityTooLarge, "body_too_large", fmt.Sprintf("The body is over %d bytes.", MaxBodyBytes)))
+			return
+		}
+		if isTimeout(err) {
+			w.Header().Set("Connection", "close")
+			writeError(w, errorf(http.StatusRequestTimeout, "body_timeout",
+				fmt.Sprintf("The body did not arrive whole within %s.", s.limits.BodyTimeout)))
 			return
 		}
 		writeError(w, errorf(http.StatusBadRequest, "invalid_body", "The body could not be read."))
@@ -183,6 +195,12 @@ func (s *Server) handleIngest(w http.ResponseWriter, r *http.Request) {
 		}
 		events[i] = model.Event{TownID: c.Town, RigID: rig, AgentID: agent, Type: e.Type, Data: e.Data}
 	}
+	if ok, wait := s.rate.take(townAgentKey{c.Town, c.Subject}, len(events), len(body)); !ok {
+		s.metrics.rateLimited.Inc()
+		tooMany(w, wait, "rate_limited", fmt.Sprintf("Agent %q is posting faster than %g events or %d bytes a second; retry after the time in Retry-After.",
+			c.Subject, s.limits.IngestEvents, int(s.limits.IngestBytes)))
+		return
+	}
 	start := time.Now()
 	err = s.store.Append(r.Context(), events)
 	s.metrics.appendSeconds.Observe(time.Since(start).Seconds())
@@ -193,7 +211,7 @@ func (s *Server) handleIngest(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if err != nil {
-		s.storeFailed(w, "append", err)
+		s.storeFailed(w, r, "append", err)
 		return
 	}
 	s.metrics.ingested.Add(float64(len(events)))

@@ -6,6 +6,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/agentstream/agentstream/model"
 )
 
 // FuzzParseIngest feeds the ingest body parser arbitrary bytes. Seeds are the
@@ -48,8 +50,8 @@ func FuzzParseIngest(f *testing.F) {
 			if !json.Valid(e.Data) || len(e.Data) > MaxDataBytes || bytes.ContainsAny(e.Data, "\r\n") {
 				t.Fatalf("accepted data %q", e.Data)
 			}
-			if len(e.AgentID) > MaxIDLen {
-				t.Fatalf("accepted agent_id of %d bytes", len(e.AgentID))
+			if e.AgentID != "" && model.CheckID("agent_id", e.AgentID) != "" {
+				t.Fatalf("accepted agent_id %q", e.AgentID)
 			}
 		}
 	})

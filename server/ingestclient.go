@@ -30,7 +30,8 @@ type IngestClient struct {
 }
 
 // Send posts batch as one request, retrying transient failures. An answer
-// that says the request is wrong (a 4xx other than 429) is not retried.
+// that says the request is wrong (a 4xx other than 429) is not retried. A
+// 429 or 503 with Retry-After is retried no sooner than it says.
 //
 // A retry after a response was lost on the way back may store a batch
 // twice: the ingest API has no idempotency key yet.
@@ -65,6 +66,12 @@ func (c *IngestClient) Send(ctx context.Context, batch []container.Line) error {
 			return fmt.Errorf("gave up after %s: %w", retryFor, err)
 		}
 		jittered := wait/2 + rand.N(wait)
+		if ae, ok := err.(*apiError); ok && ae.retryAfter > jittered {
+			jittered = ae.retryAfter
+			if time.Now().Add(jittered).After(deadline) {
+				return fmt.Errorf("gave up after %s: %w", retryFor, err)
+			}
+		}
 		if c.OnRetry != nil {
 			c.OnRetry(err, jittered)
 		}
@@ -105,5 +112,6 @@ func (c *IngestClient) post(ctx context.Context, body []byte) error {
 	if e.Error.Code == "" {
 		e.Error.Code, e.Error.Message = "http_"+fmt.Sprint(resp.StatusCode), strings.TrimSpace(string(b))
 	}
-	return &apiError{Status: resp.StatusCode, Code: e.Error.Code, Message: e.Error.Message}
+	return &apiError{Status: resp.StatusCode, Code: e.Error.Code, Message: e.Error.Message,
+		retryAfter: container.ParseRetryAfter(resp.Header.Get("Retry-After"))}
 }

@@ -16,6 +16,8 @@ type metrics struct {
 	eventsWritten *prometheus.CounterVec
 	bytesWritten  *prometheus.CounterVec
 	drops         *prometheus.CounterVec
+	rateLimited   prometheus.Counter
+	refused       *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -55,9 +57,17 @@ func newMetrics() *metrics {
 			Name: "agentstream_stream_ends_total",
 			Help: "Streams that ended, by reason (agent exited, client gone, write timeout, ...).",
 		}, []string{"reason"}),
+		rateLimited: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "agentstream_ingest_rate_limited_total",
+			Help: "Ingest requests refused with 429 because their agent posted past its rate.",
+		}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "agentstream_refused_total",
+			Help: "Connections, streams and tickets refused at a limit, by limit.",
+		}, []string{"limit"}),
 	}
 	m.reg.MustRegister(m.ingested, m.appendSeconds, m.storeErrors, m.requests,
-		m.openStreams, m.eventsWritten, m.bytesWritten, m.drops,
+		m.openStreams, m.eventsWritten, m.bytesWritten, m.drops, m.rateLimited, m.refused,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -23,6 +23,10 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	rig, agent := r.PathValue("rigId"), r.PathValue("agentId")
+	if aerr := checkIDs("rig", rig, "agent", agent); aerr != nil {
+		writeError(w, aerr)
+		return
+	}
 	if c.Scope == ScopeAgent && (c.Subject != agent || c.Rig != rig) {
 		writeError(w, errorf(http.StatusForbidden, "wrong_agent", "An agent token reads only its own events; use a viewer token."))
 		return
@@ -45,7 +49,7 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 	key := model.AgentKey{Town: c.Town, Rig: rig, Agent: agent}
 	evs, err := s.store.After(r.Context(), key, after, limit+1)
 	if err != nil {
-		s.storeFailed(w, "after", err)
+		s.storeFailed(w, r, "after", err)
 		return
 	}
 	more := len(evs) > limit
@@ -59,6 +63,17 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 		NextAfterID int64         `json:"next_after_id"`
 		HasMore     bool          `json:"has_more"`
 	}{evs, next, more})
+}
+
+// checkIDs checks path ids, given as name, value pairs, by the rules of
+// model.CheckID: 400 invalid_<name>_id for the first that breaks them.
+func checkIDs(pairs ...string) *apiError {
+	for i := 0; i+1 < len(pairs); i += 2 {
+		if msg := model.CheckID(pairs[i], pairs[i+1]); msg != "" {
+			return errorf(http.StatusBadRequest, "invalid_"+pairs[i]+"_id", msg)
+		}
+	}
+	return nil
 }
 
 // parseCursor reads an event id cursor: empty is 0; otherwise a base-10
@@ -83,13 +98,22 @@ func (s *Server) handleAgents(w http.ResponseWriter, r *http.Request) {
 	}
 	agents, err := s.store.Agents(r.Context(), town)
 	if err != nil {
-		s.storeFailed(w, "agents", err)
+		s.storeFailed(w, r, "agents", err)
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"agents": agents})
 }
 
-func (s *Server) storeFailed(w http.ResponseWriter, op string, err error) {
+// storeFailed answers a request whose store call failed. A call that failed
+// because the client went away (its context ended) is not a store failure:
+// it is neither logged as one nor counted, so that store errors and their
+// metric mean the store failed.
+func (s *Server) storeFailed(w http.ResponseWriter, r *http.Request, op string, err error) {
+	if r.Context().Err() != nil {
+		s.log.Debug("request ended by its client", "op", op, "err", err)
+		writeError(w, errorf(http.StatusServiceUnavailable, "client_gone", "The request was cancelled."))
+		return
+	}
 	s.metrics.storeErrors.WithLabelValues(op).Inc()
 	s.log.Error("store", "op", op, "err", err)
 	writeError(w, errorf(http.StatusServiceUnavailable, "store_unavailable", "The event store is not answering; retry."))

@@ -3,9 +3,11 @@ package server
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -47,6 +49,10 @@ type Relay struct {
 	relayed prometheus.Counter
 	lost    prometheus.Counter
 
+	// holdUntil (Unix ns) is when the container may next be asked, after
+	// it answered with Retry-After.
+	holdUntil atomic.Int64
+
 	mu     sync.Mutex
 	agents map[string]*relayAgent
 }
@@ -87,7 +93,7 @@ func (r *Relay) Collectors() []prometheus.Collector { return []prometheus.Collec
 // many it copied. Agents of other towns are not its own; an agent the
 // container does not know has nothing to copy.
 func (r *Relay) Pull(ctx context.Context, k model.AgentKey) (int, error) {
-	if k.Town != r.town {
+	if k.Town != r.town || r.held() {
 		return 0, nil
 	}
 	r.mu.Lock()
@@ -109,6 +115,7 @@ func (r *Relay) Pull(ctx context.Context, k model.AgentKey) (int, error) {
 		r.mu.Unlock()
 		page, err := r.client.Events(ctx, k.Agent, seq, relayPage)
 		if err != nil {
+			r.backOff(err)
 			return pulled, fmt.Errorf("relay %s: %w", k.Agent, err)
 		}
 		if page.Run == "" {
@@ -188,9 +195,26 @@ func (r *Relay) Watch(ctx context.Context, sched *poll.Scheduler, interval time.
 	}
 }
 
+// held reports whether the container asked, by Retry-After, not to be
+// called yet.
+func (r *Relay) held() bool { return time.Now().UnixNano() < r.holdUntil.Load() }
+
+// backOff honours the Retry-After of a container's answer, if it has one:
+// no list and no pull asks it again before then.
+func (r *Relay) backOff(err error) {
+	var ae *container.APIError
+	if errors.As(err, &ae) && ae.RetryAfter > 0 {
+		r.holdUntil.Store(time.Now().Add(ae.RetryAfter).UnixNano())
+	}
+}
+
 func (r *Relay) sync(ctx context.Context, sched *poll.Scheduler) error {
+	if r.held() {
+		return nil
+	}
 	list, err := r.client.Agents(ctx)
 	if err != nil {
+		r.backOff(err)
 		return err
 	}
 	seen := make(map[string]bool, len(list))

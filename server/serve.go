@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/agentstream/agentstream/model"
@@ -35,6 +36,17 @@ type Config struct {
 	Origins      []string      // more origins allowed to open WebSockets
 	TLSCert      string        // with TLSKey: serve HTTPS, HTTP/2 by ALPN
 	TLSKey       string
+
+	// Limits bound what one client, agent or town may take (see Limits).
+	Limits Limits
+	// MaxConns caps open connections; 0: the open-file limit less
+	// ConnReserve. Past it a connection is refused at once.
+	MaxConns int
+	// ReadHeaderTimeout bounds the time to read a request's headers
+	// (default 10 s); IdleTimeout how long a keep-alive connection waits
+	// for its next request (default 2 min).
+	ReadHeaderTimeout time.Duration
+	IdleTimeout       time.Duration
 
 	// Demo, when set, replays these sessions as live agents of DemoTown.
 	Demo [][]RecordedEvent
@@ -90,10 +102,19 @@ func Serve(ctx context.Context, cfg Config) error {
 	sched := poll.New(store, popts)
 	defer sched.Close()
 
-	ln, err := net.Listen("tcp", cfg.Addr)
+	tcp, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
+	maxConns := cfg.MaxConns
+	if maxConns <= 0 {
+		maxConns = DefaultMaxConns()
+	}
+	var refusal []byte
+	if cfg.TLSCert == "" {
+		refusal = connRefusal
+	}
+	ln := transport.NewLimitListener(tcp, maxConns, refusal)
 	poller, err := transport.NewPoller()
 	if err != nil {
 		log.Info("no poller: each stream reads its client on a goroutine", "err", err)
@@ -101,8 +122,9 @@ func Serve(ctx context.Context, cfg Config) error {
 		defer poller.Close()
 	}
 	api := New(store, sched, auth, Options{Log: log, WriteTimeout: cfg.WriteTimeout, Keepalive: cfg.Keepalive,
-		Origins: cfg.Origins, Poller: poller})
-	srv := newHTTPServer(api, log)
+		Origins: cfg.Origins, Poller: poller, Limits: cfg.Limits})
+	ln.OnRefuse = func() { api.metrics.refused.WithLabelValues("connections").Inc() }
+	srv := newHTTPServer(api, log, cfg.ReadHeaderTimeout, cfg.IdleTimeout)
 	if relay != nil {
 		api.metrics.reg.MustRegister(relay.Collectors()...)
 	}
@@ -111,7 +133,7 @@ func Serve(ctx context.Context, cfg Config) error {
 	if cfg.TLSCert != "" {
 		scheme = "https"
 	}
-	log.Info("listening", "addr", addr, "url", scheme+"://"+addr+"/", "db", dsn)
+	log.Info("listening", "addr", addr, "url", scheme+"://"+addr+"/", "db", dsn, "max_conns", maxConns)
 	if cfg.Ready != nil {
 		cfg.Ready(ln.Addr())
 	}
@@ -191,7 +213,18 @@ func Serve(ctx context.Context, cfg Config) error {
 // one port — HTTP/2 by ALPN over TLS, and as cleartext h2c with prior
 // knowledge — so a browser multiplexes many agent streams over one
 // connection instead of six per host.
-func newHTTPServer(h http.Handler, log *slog.Logger) *http.Server {
+//
+// There is no ReadTimeout or WriteTimeout: they would cut streams, which
+// last as long as their agent. Headers have ReadHeaderTimeout, bodies the
+// handlers' own deadline (Limits.BodyTimeout), streams their write
+// timeout and keepalives.
+func newHTTPServer(h http.Handler, log *slog.Logger, readHeader, idle time.Duration) *http.Server {
+	if readHeader <= 0 {
+		readHeader = DefaultReadHeaderTimeout
+	}
+	if idle <= 0 {
+		idle = DefaultIdleTimeout
+	}
 	protocols := new(http.Protocols)
 	protocols.SetHTTP1(true)
 	protocols.SetHTTP2(true)
@@ -199,11 +232,37 @@ func newHTTPServer(h http.Handler, log *slog.Logger) *http.Server {
 	return &http.Server{
 		Handler:           h,
 		Protocols:         protocols,
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute,
+		ReadHeaderTimeout: readHeader,
+		IdleTimeout:       idle,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 }
+
+// Timeouts of the HTTP server (see docs/limits.md).
+const (
+	DefaultReadHeaderTimeout = 10 * time.Second
+	DefaultIdleTimeout       = 2 * time.Minute
+)
+
+// ConnReserve is how many file descriptors the default connection cap
+// leaves for everything else: the database and its WAL, the listener, the
+// epoll instance, logs, and agent processes' pipes in a relay.
+const ConnReserve = 128
+
+// DefaultMaxConns is the default cap on open connections: the open-file
+// limit (which Go raises to its hard limit at start) less ConnReserve.
+func DefaultMaxConns() int {
+	var rl syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil {
+		return 1024 - ConnReserve
+	}
+	return maxConnsFromLimit(rl.Cur, ConnReserve)
+}
+
+// connRefusal is written to a cleartext connection refused past the cap.
+var connRefusal = []byte("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n" +
+	"Connection: close\r\nContent-Length: 104\r\n\r\n" +
+	`{"error":{"code":"too_many_connections","message":"The server holds its limit of connections; retry."}}` + "\n")
 
 // sweepTickets deletes expired stream tickets once a minute.
 func sweepTickets(ctx context.Context, store *model.Store, log *slog.Logger) {

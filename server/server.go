@@ -31,6 +31,9 @@ type Server struct {
 	streamOpts transport.Options
 	origins    []string
 	encoders   map[transport.Format]func(*model.Event) []byte
+	limits     Limits
+	townStrs   *townStreams
+	rate       *rateLimiter
 
 	drain    context.Context // cancelled by Drain: every stream ends
 	drainNow context.CancelFunc
@@ -48,6 +51,7 @@ type Options struct {
 	// Poller hears idle streams' clients without a goroutine each; nil
 	// means a goroutine per stream waits in a read (see transport.Poller).
 	Poller *transport.Poller
+	Limits Limits
 }
 
 // New returns a Server. It wires the store's commit hook to the scheduler,
@@ -63,8 +67,12 @@ func New(store *model.Store, sched *poll.Scheduler, auth *Auth, opts Options) *S
 	if opts.Keepalive <= 0 {
 		opts.Keepalive = 30 * time.Second
 	}
+	opts.Limits.fill()
 	s := &Server{
 		store: store, sched: sched, auth: auth, log: opts.Log, metrics: newMetrics(),
+		limits:   opts.Limits,
+		townStrs: &townStreams{max: opts.Limits.StreamsPerTown, n: make(map[string]int)},
+		rate:     newRateLimiter(opts.Limits),
 		streamOpts: transport.Options{WriteTimeout: opts.WriteTimeout, Keepalive: opts.Keepalive, Poller: opts.Poller},
 		origins:    opts.Origins,
 		encoders:   encoders(),
@@ -114,11 +122,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.handler.S
 func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
 	allowed := map[string][]string{} // path pattern -> methods
+	// Every handler but ingest reads no body, and must not wait for one.
 	handle := func(method, path string, h http.HandlerFunc) {
-		mux.HandleFunc(method+" "+path, h)
+		mux.HandleFunc(method+" "+path, ignoreBody(h))
 		allowed[path] = append(allowed[path], method)
 	}
-	handle("POST", "/api/rigs/{rigId}/agent-events", s.handleIngest)
+	mux.HandleFunc("POST /api/rigs/{rigId}/agent-events", bodyDeadline(s.limits.BodyTimeout, s.handleIngest))
+	allowed["/api/rigs/{rigId}/agent-events"] = []string{"POST"}
 	handle("GET", "/api/rigs/{rigId}/agents/{agentId}/events", s.handleEvents)
 	handle("GET", "/api/towns/{townId}/agents", s.handleAgents)
 	handle("POST", "/api/towns/{townId}/container/agents/{agentId}/stream-ticket", s.handleTicket)
@@ -138,14 +148,14 @@ func (s *Server) routes() http.Handler {
 			methods = append(methods, "HEAD")
 		}
 		allow := strings.Join(methods, ", ")
-		mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+		mux.HandleFunc(path, ignoreBody(func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Allow", allow)
 			writeError(w, errorf(http.StatusMethodNotAllowed, "method_not_allowed", r.Method+" is not allowed here; use "+allow+"."))
-		})
+		}))
 	}
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("/", ignoreBody(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusNotFound, "not_found", "No such endpoint: "+r.URL.Path))
-	})
+	}))
 	return s.instrument(mux)
 }
 
@@ -189,7 +199,7 @@ func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
 	if err := s.store.Ping(ctx); err != nil {
-		s.storeFailed(w, "ping", err)
+		s.storeFailed(w, r, "ping", err)
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})

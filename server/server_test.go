@@ -72,7 +72,7 @@ func newEnvNoPoller(t testing.TB, opts Options, sopts model.Options) *testEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hs := newHTTPServer(api, opts.Log)
+	hs := newHTTPServer(api, opts.Log, 0, 0)
 	go hs.Serve(ln)
 	tr := &http.Transport{MaxIdleConnsPerHost: 64}
 	t.Cleanup(func() {

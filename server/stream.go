@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -20,19 +21,32 @@ import (
 // TicketTTL is how long a stream ticket may wait to be redeemed.
 const TicketTTL = 60 * time.Second
 
+var errInvalidTicket = errorf(http.StatusUnauthorized, "invalid_ticket",
+	"The stream ticket is unknown, expired, already used, or for another agent; ask for a new one.")
+
 // maxBatch is the most events written to a client in one write.
 const maxBatch = 256
 
 // handleTicket is POST /api/towns/{townId}/container/agents/{agentId}/stream-ticket.
 func (s *Server) handleTicket(w http.ResponseWriter, r *http.Request) {
 	town, agent := r.PathValue("townId"), r.PathValue("agentId")
+	if aerr := checkIDs("town", town, "agent", agent); aerr != nil {
+		writeError(w, aerr)
+		return
+	}
 	if aerr := s.viewerOf(r, town); aerr != nil {
 		writeError(w, aerr)
 		return
 	}
-	t, err := s.store.CreateTicket(r.Context(), town, agent, TicketTTL)
+	t, err := s.store.CreateTicket(r.Context(), town, agent, TicketTTL, s.limits.TicketsPerTown)
+	if errors.Is(err, model.ErrTooManyTickets) {
+		s.metrics.refused.WithLabelValues("tickets_per_town").Inc()
+		tooMany(w, 10*time.Second, "too_many_tickets", fmt.Sprintf(
+			"Town %q holds %d unredeemed stream tickets, its limit; redeem them or let them expire (%s).", town, s.limits.TicketsPerTown, TicketTTL))
+		return
+	}
 	if err != nil {
-		s.storeFailed(w, "ticket", err)
+		s.storeFailed(w, r, "ticket", err)
 		return
 	}
 	// A path, never a URL built from the request's Host: behind a proxy the
@@ -63,26 +77,30 @@ func (s *Server) viewerOf(r *http.Request, town string) *apiError {
 // handleStream is GET /api/towns/{townId}/container/agents/{agentId}/stream:
 // backfill after the cursor, then live, over SSE, WebSocket or NDJSON, until
 // the agent exits, the client leaves or the server shuts down.
+//
+// Everything that can refuse a stream is checked before its ticket is
+// redeemed, so a ticket is used up only by a stream that opens.
 func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 	town, agent := r.PathValue("townId"), r.PathValue("agentId")
+	if aerr := checkIDs("town", town, "agent", agent); aerr != nil {
+		writeError(w, aerr)
+		return
+	}
 	if !s.enterStream() {
 		writeError(w, errorf(http.StatusServiceUnavailable, "shutting_down", "The server is shutting down; reconnect shortly."))
 		return
 	}
 	defer s.streams.Done()
-	if t := r.URL.Query().Get("ticket"); t != "" {
-		ok, err := s.store.RedeemTicket(r.Context(), t, town, agent)
-		if err != nil {
-			s.storeFailed(w, "redeem", err)
-			return
-		}
-		if !ok {
-			writeError(w, errorf(http.StatusUnauthorized, "invalid_ticket", "The stream ticket is unknown, expired, already used, or for another agent; ask for a new one."))
-			return
-		}
-	} else if aerr := s.viewerOf(r, town); aerr != nil {
-		writeError(w, aerr)
+	ticket := r.URL.Query().Get("ticket")
+	if ticket != "" && !model.ValidTicketID(ticket) {
+		writeError(w, errInvalidTicket)
 		return
+	}
+	if ticket == "" {
+		if aerr := s.viewerOf(r, town); aerr != nil {
+			writeError(w, aerr)
+			return
+		}
 	}
 	cursor, aerr := streamCursor(r)
 	if aerr != nil {
@@ -94,18 +112,50 @@ func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusForbidden, "origin_not_allowed", "WebSocket connections from this origin are not allowed."))
 		return
 	}
+	if r.Method == http.MethodHead {
+		// What a GET would answer, without opening a stream.
+		w.Header().Set("Content-Type", transport.ContentType(kind == "ndjson"))
+		w.Header().Set("Cache-Control", "no-cache")
+		return
+	}
+	if !s.townStrs.acquire(town) {
+		s.metrics.refused.WithLabelValues("streams_per_town").Inc()
+		tooMany(w, 5*time.Second, "too_many_streams", fmt.Sprintf(
+			"Town %q has %d streams open, its limit; close one or retry later.", town, s.limits.StreamsPerTown))
+		return
+	}
+	// The slot is the stream's until it ends; a detached stream takes it
+	// with it.
+	release := sync.OnceFunc(func() { s.townStrs.release(town) })
+	defer func() {
+		if release != nil {
+			release()
+		}
+	}()
+	if ticket != "" {
+		ok, err := s.store.RedeemTicket(r.Context(), ticket, town, agent)
+		if err != nil {
+			s.storeFailed(w, r, "redeem", err)
+			return
+		}
+		if !ok {
+			writeError(w, errInvalidTicket)
+			return
+		}
+	}
 	key := model.AgentKey{Town: town, Agent: agent}
 	last, err := s.store.Last(r.Context(), key)
 	if err != nil {
-		s.storeFailed(w, "last", err)
+		s.storeFailed(w, r, "last", err)
 		return
 	}
 	ended := last != nil && last.Type == model.TypeExited && cursor >= last.ID
 
 	if kind == "ws" {
-		s.detachedStream(w, r, key, cursor, ended, func(gone func()) (transport.Stream, error) {
+		s.detachedStream(w, r, key, cursor, ended, release, func(gone func()) (transport.Stream, error) {
 			return transport.UpgradeWS(w, r, s.streamOpts, gone)
 		})
+		release = nil
 		return
 	}
 	if ended {
@@ -114,9 +164,10 @@ func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if r.ProtoMajor == 1 {
-		s.detachedStream(w, r, key, cursor, false, func(gone func()) (transport.Stream, error) {
+		s.detachedStream(w, r, key, cursor, false, release, func(gone func()) (transport.Stream, error) {
 			return transport.HijackSSE(w, r, s.streamOpts, kind == "ndjson", gone)
 		})
+		release = nil
 		return
 	}
 	ctx, cancel := context.WithCancel(r.Context())
@@ -143,20 +194,23 @@ func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 // stream's whole life. From then on the stream has no goroutine while it
 // is idle: the subscription's ready call starts one to write what came,
 // and the transport's Poller tells of the client's frames.
-// open takes the function to call when the client has gone.
+// open takes the function to call when the client has gone. release is
+// called once the stream has ended, whichever way.
 func (s *Server) detachedStream(w http.ResponseWriter, r *http.Request, key model.AgentKey, cursor int64, ended bool,
-	open func(gone func()) (transport.Stream, error)) {
+	release func(), open func(gone func()) (transport.Stream, error)) {
 	// Not r.Context(): it ends when this handler returns.
 	ctx, cancel := context.WithCancel(context.Background())
 	st, err := open(cancel)
 	if err != nil {
 		cancel()
+		release()
 		s.log.Info("stream open failed", "agent", key.Agent, "err", err)
 		return
 	}
 	if ended {
 		cancel()
 		st.Close(transport.ReasonEnded)
+		release()
 		return
 	}
 	stopOnDrain := context.AfterFunc(s.drain, cancel)
@@ -164,6 +218,7 @@ func (s *Server) detachedStream(w http.ResponseWriter, r *http.Request, key mode
 	p := s.openStream(ctx, st, key, cursor, nil, func() {
 		stopOnDrain()
 		cancel()
+		release()
 		s.streams.Done()
 	})
 	if p != nil {
@@ -473,27 +528,63 @@ func streamCursor(r *http.Request) (int64, *apiError) {
 }
 
 // originAllowed is the WebSocket Origin check that stops cross-site
-// WebSocket hijacking: a browser page of another site must not open a
-// stream with its visitor's cookies or network position. No Origin (not a
-// browser) is allowed; otherwise it must be this host or a --origin.
+// WebSocket hijacking: a page of another site must not open a stream from
+// its visitor's browser. No Origin (not a browser) is allowed; otherwise
+// its scheme and host must be the server's own origin — the scheme this
+// request came over and its Host — or one of --origin.
+//
+// Streams carry no ambient credentials (no cookies: a bearer token or a
+// one-time ticket, which another site's page does not have), so a page
+// that gets past this check by DNS rebinding, where its own name resolves
+// to this server and so names its own origin in Host, still opens nothing.
 func (s *Server) originAllowed(r *http.Request) bool {
 	origin := r.Header.Get("Origin")
 	if origin == "" {
 		return true
 	}
-	u, err := url.Parse(origin)
-	if err != nil || u.Host == "" {
+	o, ok := normalOrigin(origin)
+	if !ok {
 		return false
 	}
-	if strings.EqualFold(u.Host, r.Host) {
+	scheme := "http"
+	if r.TLS != nil {
+		scheme = "https"
+	}
+	if self, ok := normalOrigin(scheme + "://" + r.Host); ok && self == o {
 		return true
 	}
-	for _, o := range s.origins {
-		if strings.EqualFold(strings.TrimRight(o, "/"), origin) {
+	for _, allowed := range s.origins {
+		if a, ok := normalOrigin(allowed); ok && a == o {
 			return true
 		}
 	}
 	return false
+}
+
+// normalOrigin returns an http or https origin as scheme://host[:port],
+// lower case and without its scheme's default port, so that equal origins
+// compare equal as strings. Anything else ("null", a path, user info) is
+// not an origin.
+func normalOrigin(v string) (string, bool) {
+	u, err := url.Parse(strings.TrimSuffix(v, "/"))
+	if err != nil || u.Host == "" || u.User != nil || u.Path != "" || u.RawQuery != "" || u.Fragment != "" {
+		return "", false
+	}
+	scheme := strings.ToLower(u.Scheme)
+	if scheme != "http" && scheme != "https" {
+		return "", false
+	}
+	host, port := strings.ToLower(u.Hostname()), u.Port()
+	if port == "" || scheme == "http" && port == "80" || scheme == "https" && port == "443" {
+		port = ""
+	}
+	if strings.Contains(host, ":") {
+		host = "[" + host + "]"
+	}
+	if port != "" {
+		host += ":" + port
+	}
+	return scheme + "://" + host, true
 }
 
 // encoders returns, per transport format, the function that turns an event

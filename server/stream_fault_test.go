@@ -70,7 +70,7 @@ func TestStreamRefusals(t *testing.T) {
 	e := newEnvWith(t, Options{Origins: []string{"https://dash.example"}}, model.Options{})
 	e.mustPost(e.agent, steps(3))
 	const stream = "/api/towns/t1/container/agents/a1/stream"
-	expired, err := e.store.CreateTicket(context.Background(), "t1", "a1", -time.Second)
+	expired, err := e.store.CreateTicket(context.Background(), "t1", "a1", -time.Second, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,7 +139,7 @@ func TestStreamRefusals(t *testing.T) {
 // one wins.
 func TestTicketRedeemedOnce(t *testing.T) {
 	e := newEnv(t)
-	tk, err := e.store.CreateTicket(context.Background(), "t1", "a1", time.Minute)
+	tk, err := e.store.CreateTicket(context.Background(), "t1", "a1", time.Minute, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -198,7 +198,7 @@ func readCloseCode(t *testing.T, r io.Reader) ws.StatusCode {
 	}
 }
 
-// TestWSBadFrames: garbage frames close with 1008, a 10 MiB frame with
+// TestWSBadFrames: garbage frames close with 1002 (protocol error), a 10 MiB frame with
 // 1009, and the server goes on serving.
 func TestWSBadFrames(t *testing.T) {
 	e := newEnv(t)
@@ -222,8 +222,8 @@ func TestWSBadFrames(t *testing.T) {
 			c, r := e.rawWS()
 			defer c.Close()
 			send(c)
-			if code := readCloseCode(t, r); code != ws.StatusPolicyViolation {
-				t.Fatalf("close %d, want 1008", code)
+			if code := readCloseCode(t, r); code != ws.StatusProtocolError {
+				t.Fatalf("close %d, want 1002", code)
 			}
 		})
 	}

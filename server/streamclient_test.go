@@ -65,7 +65,7 @@ func (e *testEnv) tlsFront() (string, *http.Client) {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	hs := newHTTPServer(e.api, e.api.log)
+	hs := newHTTPServer(e.api, e.api.log, 0, 0)
 	hs.TLSConfig = &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}}
 	go hs.ServeTLS(ln, "", "")
 	pool := x509.NewCertPool()

@@ -119,14 +119,11 @@ func (p *Poller) loop() {
 // Watch registers conn, unarmed, to call fn when armed and readable. It
 // fails with errors.ErrUnsupported when conn is not a plain socket.
 func (p *Poller) Watch(conn net.Conn, fn func()) (*Watch, error) {
-	sc, ok := conn.(syscall.Conn)
-	if !ok {
+	tcp := socket(conn)
+	if tcp == nil {
 		return nil, errors.ErrUnsupported
 	}
-	if _, ok := conn.(*net.TCPConn); !ok {
-		return nil, errors.ErrUnsupported
-	}
-	rc, err := sc.SyscallConn()
+	rc, err := tcp.SyscallConn()
 	if err != nil {
 		return nil, err
 	}

@@ -46,7 +46,7 @@ func HijackSSE(w http.ResponseWriter, r *http.Request, opts Options, ndjson bool
 	if ndjson {
 		first = ""
 	}
-	head := "HTTP/1.1 200 OK\r\nContent-Type: " + contentType(ndjson) + "\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n" +
+	head := "HTTP/1.1 200 OK\r\nContent-Type: " + ContentType(ndjson) + "\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n" +
 		"Connection: close\r\nDate: " + time.Now().UTC().Format(http.TimeFormat) + "\r\n\r\n" + first
 	if err := s.write([]byte(head)); err != nil {
 		conn.Close()

@@ -30,7 +30,7 @@ func NewNDJSON(w http.ResponseWriter, r *http.Request, opts Options) (*SSE, erro
 
 func startResponse(w http.ResponseWriter, r *http.Request, opts Options, ndjson bool) *SSE {
 	h := w.Header()
-	h.Set("Content-Type", contentType(ndjson))
+	h.Set("Content-Type", ContentType(ndjson))
 	h.Set("Cache-Control", "no-cache")
 	h.Set("X-Accel-Buffering", "no") // proxies like nginx must not buffer
 	rc := http.NewResponseController(w)
@@ -39,7 +39,8 @@ func startResponse(w http.ResponseWriter, r *http.Request, opts Options, ndjson 
 		dl: writeDeadline{timeout: opts.WriteTimeout, set: rc.SetWriteDeadline}}
 }
 
-func contentType(ndjson bool) string {
+// ContentType is the media type of an SSE stream, or an NDJSON one.
+func ContentType(ndjson bool) string {
 	if ndjson {
 		return "application/x-ndjson"
 	}

@@ -169,7 +169,11 @@ func (s *WS) sendClose(code ws.StatusCode, text string) error {
 	if err := s.setDeadline(); err != nil {
 		return err
 	}
-	return ws.WriteFrame(s.conn, ws.NewCloseFrame(ws.NewCloseFrameBody(code, text)))
+	var body []byte // code 0: a close with no status, the answer to one
+	if code != 0 {
+		body = ws.NewCloseFrameBody(code, text)
+	}
+	return ws.WriteFrame(s.conn, ws.NewCloseFrame(body))
 }
 
 func (s *WS) writeFrame(f ws.Frame) error {
@@ -219,22 +223,22 @@ func (s *WS) readLoop() {
 
 // readFrame reads one client frame and reports whether the connection
 // goes on: pings are answered, pongs and small data frames only prove the
-// client alive, a close is echoed. Frames that break the protocol
-// (unmasked, reserved bits or opcodes, oversized control frames) close
-// with 1008, data over maxClientPayload with 1009.
+// client alive, a close is answered (see closeReply). Frames that break the
+// protocol (unmasked, reserved bits or opcodes, oversized control frames)
+// close with 1002, as RFC 6455 says, data over maxClientPayload with 1009.
 func (s *WS) readFrame() bool {
 	var hb [ws.MaxHeaderSize - 2]byte
 	h, err := ws.ReadHeaderBuffer(s.conn, hb[:])
 	if err != nil {
 		if errors.Is(err, ws.ErrHeaderLengthMSB) || errors.Is(err, ws.ErrHeaderLengthUnexpected) {
-			s.refuse(ws.StatusPolicyViolation, "malformed frame")
+			s.refuse(ws.StatusProtocolError, "malformed frame")
 		}
 		return false
 	}
 	switch {
 	case !h.Masked || h.Rsv != 0 || h.OpCode.IsReserved() ||
 		(h.OpCode.IsControl() && (h.Length > 125 || !h.Fin)):
-		s.refuse(ws.StatusPolicyViolation, "malformed frame")
+		s.refuse(ws.StatusProtocolError, "malformed frame")
 		return false
 	case h.Length > maxClientPayload:
 		s.refuse(ws.StatusMessageTooBig, "this stream takes no messages")
@@ -256,14 +260,34 @@ func (s *WS) readFrame() bool {
 	case ws.OpPing:
 		return s.writeFrame(ws.NewPongFrame(p)) == nil
 	case ws.OpClose:
-		code, _ := ws.ParseCloseFrameData(p)
-		if code.Empty() {
-			code = ws.StatusNormalClosure
-		}
-		s.sendClose(code, "")
+		code, text := closeReply(p)
+		s.sendClose(code, text)
 		return false
 	}
 	return true
+}
+
+// closeReply is the close frame that answers a client's close with
+// payload p, by RFC 6455 (5.5.1, 7.4): no status is answered with no
+// status (1005 is never put on the wire); a valid code is echoed; a
+// one-byte payload, or a code that is reserved, unassigned or not to be
+// sent (1004-1006, 1015, below 1000, 1016-2999, above 4999), is a protocol error,
+// 1002; a reason that is not UTF-8 is 1007.
+func closeReply(p []byte) (ws.StatusCode, string) {
+	switch len(p) {
+	case 0:
+		return 0, ""
+	case 1:
+		return ws.StatusProtocolError, "close payload of one byte"
+	}
+	code, reason := ws.ParseCloseFrameData(p)
+	switch err := ws.CheckCloseFrameData(code, reason); {
+	case errors.Is(err, ws.ErrProtocolInvalidUTF8):
+		return ws.StatusInvalidFramePayloadData, "close reason is not UTF-8"
+	case err != nil, code < 1000, code > 4999:
+		return ws.StatusProtocolError, "invalid close code"
+	}
+	return code, ""
 }
 
 // refuse closes on a client's broken frame: the close frame, then the

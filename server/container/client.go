@@ -8,7 +8,9 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
+	"time"
 )
 
 // Client calls a container's control API; the relay of `serve --upstream`
@@ -24,6 +26,8 @@ type APIError struct {
 	Status  int
 	Code    string
 	Message string
+	// RetryAfter is the answer's Retry-After, in seconds, or 0.
+	RetryAfter time.Duration
 }
 
 func (e *APIError) Error() string {
@@ -65,6 +69,17 @@ func (c *Client) Stop(ctx context.Context, id string) (AgentInfo, error) {
 	return info, err
 }
 
+// ParseRetryAfter reads a Retry-After header given in seconds; anything
+// else (absent, a date, garbage) is 0. It is capped at ten minutes, so a
+// bad peer cannot park a client for good.
+func ParseRetryAfter(v string) time.Duration {
+	n, err := strconv.Atoi(strings.TrimSpace(v))
+	if err != nil || n <= 0 {
+		return 0
+	}
+	return min(time.Duration(n)*time.Second, 10*time.Minute)
+}
+
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
 	if in != nil {
@@ -100,7 +115,8 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 			Error struct{ Code, Message string } `json:"error"`
 		}
 		json.Unmarshal(b, &e)
-		return &APIError{Status: resp.StatusCode, Code: e.Error.Code, Message: e.Error.Message}
+		return &APIError{Status: resp.StatusCode, Code: e.Error.Code, Message: e.Error.Message,
+			RetryAfter: ParseRetryAfter(resp.Header.Get("Retry-After"))}
 	}
 	if err := json.Unmarshal(b, out); err != nil {
 		return fmt.Errorf("container: %s %s: %w", method, path, err)
