@@ -94,8 +94,6 @@ func newViewerStream(t *testing.T, e *testEnv, town string) *http.Response {
 	return resp
 }
 
-
-
 // TestConnectionCap: past the cap a connection is answered 503 and closed
 // at once, not queued; connections taken over by streams count until they
 // close.

@@ -70,9 +70,9 @@ func New(store *model.Store, sched *poll.Scheduler, auth *Auth, opts Options) *S
 	opts.Limits.fill()
 	s := &Server{
 		store: store, sched: sched, auth: auth, log: opts.Log, metrics: newMetrics(),
-		limits:   opts.Limits,
-		townStrs: &townStreams{max: opts.Limits.StreamsPerTown, n: make(map[string]int)},
-		rate:     newRateLimiter(opts.Limits),
+		limits:     opts.Limits,
+		townStrs:   &townStreams{max: opts.Limits.StreamsPerTown, n: make(map[string]int)},
+		rate:       newRateLimiter(opts.Limits),
 		streamOpts: transport.Options{WriteTimeout: opts.WriteTimeout, Keepalive: opts.Keepalive, Poller: opts.Poller},
 		origins:    opts.Origins,
 		encoders:   encoders(),
