@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -206,5 +207,32 @@ func copyFile(t *testing.T, from, to string) {
 	}
 	if err := out.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// AfterBytes stops before the event that would take the data past its
+// budget, but always returns one event when there is one.
+func TestAfterBytes(t *testing.T) {
+	ctx := context.Background()
+	s := openTemp(t, Options{})
+	k := AgentKey{Town: "t", Agent: "a"}
+	big := make([]Event, 6)
+	for i := range big {
+		big[i] = Event{TownID: "t", RigID: "r", AgentID: "a", Type: "x", Data: []byte(`"` + strings.Repeat("x", 1000) + `"`)}
+	}
+	if err := s.Append(ctx, big); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		budget int64
+		want   int
+	}{{10, 1}, {1002, 1}, {2004, 2}, {3500, 3}, {1 << 20, 6}} {
+		got, err := s.AfterBytes(ctx, k, 0, 100, tc.budget)
+		if err != nil || len(got) != tc.want || got[0].ID != big[0].ID {
+			t.Fatalf("budget %d: %d events (err %v), want %d", tc.budget, len(got), err, tc.want)
+		}
+	}
+	if got, _ := s.AfterBytes(ctx, k, big[5].ID, 100, 1<<20); len(got) != 0 {
+		t.Fatalf("after the last: %d events", len(got))
 	}
 }

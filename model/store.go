@@ -479,6 +479,46 @@ func (s *Store) After(ctx context.Context, k AgentKey, afterID int64, limit int)
 	return evs, nil
 }
 
+// AfterBytes is After bounded by the events' data too: it stops before the
+// event that would take the data past maxBytes, but returns at least one
+// event when there is one. It is how a slow stream catches up within its
+// memory budget: the sizes are read first, without the data.
+func (s *Store) AfterBytes(ctx context.Context, k AgentKey, afterID int64, limit int, maxBytes int64) ([]Event, error) {
+	var sizes []struct {
+		ID   int64 `bun:"id"`
+		Size int64 `bun:"size"`
+	}
+	q := s.db.NewSelect().Model((*Event)(nil)).Column("id").ColumnExpr("LENGTH(data) AS size").
+		Where("town_id = ?", k.Town).Where("agent_id = ?", k.Agent).Where("id > ?", afterID).
+		OrderExpr("id ASC").Limit(int64(limit))
+	if k.Rig != "" {
+		q = q.Where("rig_id = ?", k.Rig)
+	}
+	if err := q.Scan(ctx, &sizes); err != nil && !errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("read event sizes of %s: %w", k.Agent, err)
+	}
+	n, total := 0, int64(0)
+	for n < len(sizes) && (n == 0 || total+sizes[n].Size <= maxBytes) {
+		total += sizes[n].Size
+		n++
+	}
+	if n == 0 {
+		return nil, nil
+	}
+	evs, err := s.After(ctx, k, afterID, n)
+	if err != nil {
+		return nil, err
+	}
+	// Rows committed or pruned between the two reads: keep to the ids sized.
+	last := sizes[n-1].ID
+	for i := range evs {
+		if evs[i].ID > last {
+			return evs[:i], nil
+		}
+	}
+	return evs, nil
+}
+
 // Agents lists the agents of a town that have events, newest activity first.
 func (s *Store) Agents(ctx context.Context, town string) ([]AgentSummary, error) {
 	var evs []Event

@@ -41,7 +41,7 @@ func newFeed(s *Scheduler, k model.AgentKey) *feed {
 		ctx:   ctx,
 		stop:  cancel,
 		done:  make(chan struct{}),
-		ring:  newRing(s.opts.RingLen),
+		ring:  newRing(s.opts.RingLen, s.opts.RingBytes),
 	}
 }
 
@@ -177,18 +177,23 @@ func (f *feed) poll() error {
 // is full is taken off the live path (it catches up by itself later), so
 // publish never waits for anyone.
 func (f *feed) publish(evs []model.Event) {
-	items := make([]Item, len(evs))
+	items := itemsFor(make([]*Item, 0, len(evs)), evs)
 	now := time.Now()
+	budget := f.s.opts.StreamBytes
 	f.mu.Lock()
-	for i := range evs {
-		it := &items[i]
-		it.Event = evs[i]
+	for _, it := range items {
 		f.ring.push(it)
 		f.cursor = it.ID
+		cost := it.Cost()
 		for j := 0; j < len(f.live); {
 			sub := f.live[j]
+			if sub.held.Load()+cost > budget && sub.held.Load() > 0 {
+				f.demote(j)
+				continue
+			}
 			select {
 			case sub.q <- it:
+				sub.held.Add(cost)
 				j++
 			default:
 				f.demote(j)
@@ -232,33 +237,43 @@ func (f *feed) removeLive(sub *Subscription) {
 	}
 }
 
-// ring holds the newest items fanned out, oldest first. It holds every
-// event in (base, newest]; base rises as old items fall out.
+// ring holds the newest items fanned out, oldest first, at most len(buf)
+// of them and at most maxBytes by Item.Cost (but always the newest one). It
+// holds every event in (base, newest]; base rises as old items fall out.
 type ring struct {
-	buf   []*Item
-	start int
-	n     int
-	base  int64
+	buf      []*Item
+	start    int
+	n        int
+	base     int64
+	bytes    int64
+	maxBytes int64
 }
 
-func newRing(size int) ring { return ring{buf: make([]*Item, size)} }
+func newRing(size int, maxBytes int64) ring {
+	return ring{buf: make([]*Item, size), maxBytes: maxBytes}
+}
 
 func (r *ring) at(i int) *Item { return r.buf[(r.start+i)%len(r.buf)] }
 
 func (r *ring) push(it *Item) {
-	if r.n == len(r.buf) {
-		r.base = r.buf[r.start].ID
+	cost := it.Cost()
+	for r.n > 0 && (r.n == len(r.buf) || r.bytes+cost > r.maxBytes) {
+		old := r.buf[r.start]
+		r.base = old.ID
+		r.bytes -= old.Cost()
 		r.buf[r.start] = nil
 		r.start = (r.start + 1) % len(r.buf)
 		r.n--
 	}
 	r.buf[(r.start+r.n)%len(r.buf)] = it
 	r.n++
+	r.bytes += cost
 }
 
-// after appends to dst up to max items with id > cursor, if the ring holds
-// every event after cursor; ok is false when it does not.
-func (r *ring) after(dst []*Item, cursor int64, max int) (_ []*Item, ok bool) {
+// after appends to dst up to max items with id > cursor, and no more than
+// maxBytes of them by Item.Cost (but at least one), if the ring holds every
+// event after cursor; ok is false when it does not.
+func (r *ring) after(dst []*Item, cursor int64, max int, maxBytes int64) (_ []*Item, ok bool) {
 	if cursor < r.base {
 		return dst, false
 	}
@@ -271,8 +286,13 @@ func (r *ring) after(dst []*Item, cursor int64, max int) (_ []*Item, ok bool) {
 			hi = m
 		}
 	}
+	var size int64
 	for i := lo; i < r.n && len(dst) < max; i++ {
-		dst = append(dst, r.at(i))
+		it := r.at(i)
+		if size += it.Cost(); size > maxBytes && i > lo {
+			break
+		}
+		dst = append(dst, it)
 	}
 	return dst, true
 }

@@ -46,6 +46,18 @@ type Upstream interface {
 	Pull(ctx context.Context, k model.AgentKey) (n int, err error)
 }
 
+// DefaultStreamBytes is Options.StreamBytes's default.
+const DefaultStreamBytes = 256 << 10
+
+// BoundedSource is a Source that can bound a read by bytes as well as by
+// count. Catch-up reads use it when the Source has it, so that a slow
+// subscriber's batch stays within its StreamBytes.
+type BoundedSource interface {
+	// AfterBytes is After that stops once the events' data adds up to
+	// maxBytes; it returns at least one event when there is one.
+	AfterBytes(ctx context.Context, k model.AgentKey, afterID int64, limit int, maxBytes int64) ([]model.Event, error)
+}
+
 // ErrClosed is returned by Subscription.Next after the scheduler is closed.
 var ErrClosed = errors.New("poll: scheduler closed")
 
@@ -55,6 +67,15 @@ type Options struct {
 	QueueLen int           // live items a subscriber may hold unread; default 64
 	RingLen  int           // recent items a feed keeps for catching up; default 1024
 	PageSize int           // events per Source read; default 1000
+	// StreamBytes is what one subscriber may hold, by Item.Cost: its
+	// unread live items and the batch it was last handed together. A
+	// subscriber that would hold more is taken off the live path, and
+	// catches up later in batches of at most this much. Default 256 KiB.
+	// (A batch always has at least one event, however large.)
+	StreamBytes int64
+	// RingBytes bounds a feed's ring of recent items by Item.Cost, as
+	// RingLen does by count; default 8 MiB.
+	RingBytes int64
 	Upstream Upstream      // pulled on each interval; nil: none
 	// BusyInterval is the time to the next pull after a pull that brought
 	// events; default Interval/5. A busy agent is read sooner, and before
@@ -83,6 +104,12 @@ func (o *Options) fill() {
 	}
 	if o.PageSize <= 0 {
 		o.PageSize = 1000
+	}
+	if o.StreamBytes <= 0 {
+		o.StreamBytes = DefaultStreamBytes
+	}
+	if o.RingBytes <= 0 {
+		o.RingBytes = 8 << 20
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+
+	"github.com/agentstream/agentstream/model"
 )
 
 // GapError is returned by Next when events after the subscriber's cursor
@@ -31,10 +33,17 @@ type Subscription struct {
 	closed  atomic.Bool
 	once    sync.Once
 	stopCtx func() bool
+	// held is what the subscriber holds, by Item.Cost: its queued live
+	// items (the feed adds them, under f.mu) and the batch it was last
+	// handed (until it asks for the next). The feed demotes a subscriber
+	// that would hold more than Options.StreamBytes.
+	held atomic.Int64
 
 	// Owned by the goroutine calling Next.
 	cursor   int64 // the last id returned
 	catching bool  // not on the live path: reading ring or Source
+	batch    int64 // the cost of the batch last returned
+	pending  *Item // taken from q, left for the next batch; counted in held
 }
 
 func (s *Subscription) wakeUp() {
@@ -62,9 +71,7 @@ func (s *Subscription) Next(ctx context.Context, buf []*Item, max int) ([]*Item,
 		}
 		select {
 		case it := <-s.q:
-			if buf = s.drain(s.take(buf, it), max); len(buf) > 0 {
-				return buf, nil
-			}
+			s.pending = it // TryNext returned nothing, so there was none
 		case <-s.kick:
 			// Demoted, closed, or the feed shut down (it kicks every live
 			// subscriber): TryNext sees which. The feed's own Done channel
@@ -84,7 +91,20 @@ func (s *Subscription) Next(ctx context.Context, buf []*Item, max int) ([]*Item,
 // TryNext would have something new to say: events, a demotion, the end. A
 // caller that drains TryNext until it returns nothing, and calls it again
 // on every ready, needs no goroutine of its own while the agent is quiet.
-func (s *Subscription) TryNext(ctx context.Context, buf []*Item, max int) ([]*Item, error) {
+//
+// A batch holds at most Options.StreamBytes by Item.Cost, but always at
+// least one item.
+func (s *Subscription) TryNext(ctx context.Context, buf []*Item, max int) (_ []*Item, err error) {
+	// The caller is done with the last batch.
+	s.held.Add(-s.batch)
+	s.batch = 0
+	defer func() {
+		for _, it := range buf {
+			s.batch += it.Cost()
+		}
+		s.held.Add(s.batch)
+	}()
+	clear(buf) // the last batch's items must not outlive it here
 	buf = buf[:0]
 	for {
 		if s.closed.Load() || s.f.stopped.Load() {
@@ -115,24 +135,38 @@ func (s *Subscription) TryNext(ctx context.Context, buf []*Item, max int) ([]*It
 	}
 }
 
-// take appends it unless it is at or before the cursor: a subscriber that
-// read ahead of the feed from the Source sees those events again live.
-func (s *Subscription) take(buf []*Item, it *Item) []*Item {
-	if it.ID <= s.cursor {
-		return buf
-	}
-	s.cursor = it.ID
-	return append(buf, it)
-}
-
+// drain appends queued live items to buf, up to max of them and the
+// byte budget (an item that does not fit waits in pending). Items at or
+// before the cursor are dropped: a subscriber that read ahead of the feed
+// from the Source sees those events again live.
 func (s *Subscription) drain(buf []*Item, max int) []*Item {
+	budget := s.f.s.opts.StreamBytes
+	var size int64
+	for _, it := range buf {
+		size += it.Cost()
+	}
 	for len(buf) < max {
-		select {
-		case it := <-s.q:
-			buf = s.take(buf, it)
-		default:
+		it := s.pending
+		if it == nil {
+			select {
+			case it = <-s.q:
+			default:
+				return buf
+			}
+		}
+		cost := it.Cost()
+		if len(buf) > 0 && size+cost > budget {
+			s.pending = it
 			return buf
 		}
+		s.pending = nil
+		s.held.Add(-cost) // out of the queue; the batch is counted at return
+		if it.ID <= s.cursor {
+			continue
+		}
+		s.cursor = it.ID
+		size += cost
+		buf = append(buf, it)
 	}
 	return buf
 }
@@ -163,7 +197,8 @@ func (s *Subscription) catchUp(ctx context.Context, buf []*Item, max int) (_ []*
 		return buf, true, nil
 	}
 	n := len(buf)
-	buf, ok := f.ring.after(buf, s.cursor, max)
+	budget := f.s.opts.StreamBytes
+	buf, ok := f.ring.after(buf, s.cursor, max, budget)
 	target := f.cursor
 	if ok && len(buf) > n {
 		s.cursor = buf[len(buf)-1].ID
@@ -190,7 +225,12 @@ func (s *Subscription) catchUp(ctx context.Context, buf []*Item, max int) (_ []*
 		s.cursor = pruned
 		return buf, false, gap
 	}
-	evs, err := f.s.src.After(ctx, f.key, s.cursor, min(max, f.s.opts.PageSize))
+	var evs []model.Event
+	if bs, ok := f.s.src.(BoundedSource); ok {
+		evs, err = bs.AfterBytes(ctx, f.key, s.cursor, min(max, f.s.opts.PageSize), budget/2)
+	} else {
+		evs, err = f.s.src.After(ctx, f.key, s.cursor, min(max, f.s.opts.PageSize))
+	}
 	if err != nil {
 		return buf, false, fmt.Errorf("catch up %s after %d: %w", f.key.Agent, s.cursor, err)
 	}
@@ -201,11 +241,15 @@ func (s *Subscription) catchUp(ctx context.Context, buf []*Item, max int) (_ []*
 		s.cursor = target
 		return buf, false, gap
 	}
-	items := make([]Item, len(evs))
+	// Item.Cost counts more than the data AfterBytes sums: trim to it.
+	var size int64
 	for i := range evs {
-		items[i].Event = evs[i]
-		buf = append(buf, &items[i])
+		if size += eventCost(&evs[i]); size > budget && i > 0 {
+			evs = evs[:i]
+			break
+		}
 	}
+	buf = itemsFor(buf, evs)
 	s.cursor = evs[len(evs)-1].ID
 	return buf, false, nil
 }
