@@ -76,7 +76,7 @@ type Options struct {
 	// RingBytes bounds a feed's ring of recent items by Item.Cost, as
 	// RingLen does by count; default 8 MiB.
 	RingBytes int64
-	Upstream Upstream      // pulled on each interval; nil: none
+	Upstream  Upstream // pulled on each interval; nil: none
 	// BusyInterval is the time to the next pull after a pull that brought
 	// events; default Interval/5. A busy agent is read sooner, and before
 	// a bounded upstream buffer wraps: with a 500-event ring, 500 ms
