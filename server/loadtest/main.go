@@ -8,6 +8,9 @@
 //
 //	go build -o /tmp/agentstream . && go run ./server/loadtest -bin /tmp/agentstream
 //
+// With -membudget N it measures the server's RSS growth for N streams that
+// never read, on a history of 64 KiB events.
+//
 // With -relay it measures instead one agent's events through `agentstream
 // container` and `serve --upstream` to an SSE client: lag at a steady rate,
 // and the rates at which the container's ring does or does not wrap before
@@ -50,6 +53,7 @@ func main() {
 	relay := flag.Bool("relay", false, "measure the container relay (agentstream container + serve --upstream) instead of fan-out")
 	emitN := flag.Int("emit", 0, "internal: be the relay scenarios' agent, writing this many events")
 	emitRate := flag.Int("emit-rate", 0, "internal: events per second the agent writes (0: as fast as it can)")
+	memStreams := flag.Int("membudget", 0, "measure instead the RSS cost of this many streams that never read, on 64 KiB events")
 	flag.Parse()
 	if *naive != "" {
 		serveNaive(*naive)
@@ -63,6 +67,10 @@ func main() {
 		log.Fatal("-bin is required: go build -o /tmp/agentstream . first")
 	}
 	raiseFDLimit()
+	if *memStreams > 0 {
+		memBudget(*bin, *memStreams, 300)
+		return
+	}
 	if *relay {
 		relayScenarios(*bin, *duration, *only)
 		return
