@@ -242,12 +242,26 @@ func cmdContainer(args []string, stderr io.Writer) error {
 	grace := fs.Duration("grace", 10*time.Second, "time from SIGTERM to SIGKILL when an agent is stopped")
 	ttl := fs.Duration("ttl", 5*time.Minute, "how long an exited agent's events are kept")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
+	agentEnv := fs.String("agent-env", "inherit", "environment agents start from: inherit (the container's, less every AGENTSTREAM_ variable) or minimal (PATH, HOME, USER, LOGNAME, SHELL, LANG, LC_ALL, TZ, TMPDIR, TERM)")
+	var allow listFlag
+	fs.Var(&allow, "agent-env-allow", "with --agent-env minimal, more variables agents keep; repeatable, or comma-separated")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
 	secret := os.Getenv(container.SecretEnv)
 	if secret == "" {
 		return usageError{"container needs a bearer secret in " + container.SecretEnv}
+	}
+	if len(secret) < container.MinSecretLen {
+		return usageError{fmt.Sprintf("%s is %d bytes; at least %d are needed (openssl rand -hex 32 makes one)", container.SecretEnv, len(secret), container.MinSecretLen)}
+	}
+	if *agentEnv != "inherit" && *agentEnv != "minimal" {
+		return usageError{fmt.Sprintf("--agent-env %q: want inherit or minimal", *agentEnv)}
+	}
+	for _, name := range allow {
+		if strings.HasPrefix(name, "AGENTSTREAM_") {
+			return usageError{fmt.Sprintf("--agent-env-allow %s: agentstream's own variables never reach agents", name)}
+		}
 	}
 	if *grace <= 0 || *ttl <= 0 {
 		return usageError{"--grace and --ttl must be positive"}
@@ -258,7 +272,8 @@ func cmdContainer(args []string, stderr io.Writer) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	return container.Serve(ctx, *addr, secret, container.Options{Grace: *grace, TTL: *ttl, Log: log}, nil)
+	env := container.AgentEnv(os.Environ(), *agentEnv == "minimal", allow)
+	return container.Serve(ctx, *addr, secret, container.Options{Grace: *grace, TTL: *ttl, Env: env, Log: log}, nil)
 }
 
 // listFlag is a repeatable flag whose values may also be comma-separated

@@ -332,3 +332,28 @@ func TestTailFollowsAcrossRestart(t *testing.T) {
 		t.Fatalf("tail printed ids %v, want %v", got, acked)
 	}
 }
+
+// TestLimitAndSecretUsage: limits that cannot work and a container secret
+// shorter than 32 bytes are usage errors that name the flag or variable.
+func TestLimitAndSecretUsage(t *testing.T) {
+	t.Setenv("AGENTSTREAM_DATA", t.TempDir())
+	cases := []struct {
+		env  string
+		args []string
+		says string
+	}{
+		{"", []string{"serve", "--ingest-burst", "10"}, "--ingest-burst"},
+		{"", []string{"serve", "--max-streams-per-town", "0"}, "--max-streams-per-town"},
+		{"", []string{"serve", "--body-timeout", "0s"}, "--body-timeout"},
+		{"short", []string{"container"}, "AGENTSTREAM_CONTAINER_SECRET"},
+		{strings.Repeat("k", 32), []string{"container", "--agent-env", "all"}, "--agent-env"},
+		{strings.Repeat("k", 32), []string{"container", "--agent-env", "minimal", "--agent-env-allow", "AGENTSTREAM_SECRET"}, "--agent-env-allow"},
+	}
+	for _, tc := range cases {
+		t.Setenv("AGENTSTREAM_CONTAINER_SECRET", tc.env)
+		var out, errOut bytes.Buffer
+		if got := run(tc.args, &out, &errOut); got != 2 || !strings.Contains(errOut.String(), tc.says) {
+			t.Errorf("agentstream %v: exit %d, stderr %q; want 2 naming %s", tc.args, got, errOut.String(), tc.says)
+		}
+	}
+}

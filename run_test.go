@@ -203,7 +203,7 @@ func startAgent(t *testing.T, c *serveProc, secret, id, script string, args ...s
 func TestContainerAndUpstreamCommands(t *testing.T) {
 	bin := buildBinary(t)
 	data := filepath.Join(t.TempDir(), "data")
-	const secret = "cli-test-container-secret"
+	const secret = "cli-test-container-secret-0123456789abcdef"
 	c, env := startContainer(t, bin, secret)
 	sc := exec.Command(bin, "serve", "--addr", "127.0.0.1:0", "--data", data, "--log-format", "json",
 		"--upstream", c.base, "--upstream-town", "t", "--upstream-rig", "r", "--poll-interval", "100ms")
@@ -239,7 +239,7 @@ func TestContainerAndUpstreamCommands(t *testing.T) {
 func TestUpstreamSurvivesKill9(t *testing.T) {
 	bin := buildBinary(t)
 	data := filepath.Join(t.TempDir(), "data")
-	const secret = "kill9-test-container-secret"
+	const secret = "kill9-test-container-secret-0123456789abcdef"
 	c, env := startContainer(t, bin, secret)
 	serve := func(addr string) *serveProc {
 		sc := exec.Command(bin, "serve", "--addr", addr, "--data", data, "--log-format", "json",

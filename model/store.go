@@ -110,6 +110,14 @@ func Open(ctx context.Context, dsn string, opts Options) (*Store, error) {
 			return nil, fmt.Errorf("open: %w", err)
 		}
 	}
+	// The file is made here, private, rather than by SQLite with the
+	// umask's mode: events may hold anything an agent printed. SQLite
+	// gives its WAL and shared-memory files the database file's mode.
+	if f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600); err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	} else {
+		f.Close()
+	}
 	q := url.Values{}
 	q.Add("_pragma", "journal_mode(WAL)")
 	q.Add("_pragma", "synchronous(FULL)")

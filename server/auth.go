@@ -150,8 +150,18 @@ func (a *Auth) authenticate(r *http.Request) (*Claims, *apiError) {
 // LoadSecret returns the server secret: env when set, else the one stored in
 // dir/secret, generated there (mode 0600) on first use. The file is what lets
 // `agentstream token --data DIR` mint tokens a server on DIR accepts.
+//
+// A new secret is written durably — a temporary file, fsynced, linked into
+// place, and the directory fsynced — so that a crash or a power cut leaves
+// either no secret or the whole one, never an empty file. And none is
+// generated into a directory that already holds a database: that database's
+// tokens were minted with a secret that is lost, and a new one would
+// silently make every one of them invalid.
 func LoadSecret(env, dir string) ([]byte, error) {
 	if env != "" {
+		if len(env) < 32 {
+			return nil, fmt.Errorf("AGENTSTREAM_SECRET is %d bytes; at least 32 are needed (openssl rand -hex 32 makes one)", len(env))
+		}
 		return []byte(env), nil
 	}
 	path := filepath.Join(dir, "secret")
@@ -166,7 +176,12 @@ func LoadSecret(env, dir string) ([]byte, error) {
 	if !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("read secret: %w", err)
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if _, err := os.Stat(filepath.Join(dir, DBFile)); err == nil {
+		return nil, fmt.Errorf("%s holds a database but no secret (%s): the tokens of that database were signed with it. "+
+			"Put the secret back, or set AGENTSTREAM_SECRET to it; to start over with a new secret, move %s away first",
+			dir, path, DBFile)
+	}
+	if err := mkdirDurable(dir); err != nil {
 		return nil, fmt.Errorf("create data dir: %w", err)
 	}
 	raw := make([]byte, 32)
@@ -184,6 +199,10 @@ func LoadSecret(env, dir string) ([]byte, error) {
 		tmp.Close()
 		return nil, fmt.Errorf("write secret: %w", err)
 	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return nil, fmt.Errorf("write secret: %w", err)
+	}
 	if err := tmp.Close(); err != nil {
 		return nil, fmt.Errorf("write secret: %w", err)
 	}
@@ -193,5 +212,40 @@ func LoadSecret(env, dir string) ([]byte, error) {
 	} else if err != nil {
 		return nil, fmt.Errorf("write secret: %w", err)
 	}
+	if err := syncDir(dir); err != nil {
+		return nil, fmt.Errorf("write secret: %w", err)
+	}
 	return []byte(s), nil
+}
+
+// DBFile is the SQLite file's name in the data directory.
+const DBFile = "agentstream.db"
+
+// mkdirDurable creates dir (mode 0700) and any parents missing, and fsyncs
+// the parent of each directory it made, so the directory survives a crash
+// with the files fsynced into it.
+func mkdirDurable(dir string) error {
+	dir = filepath.Clean(dir)
+	if _, err := os.Stat(dir); err == nil {
+		return nil
+	}
+	if parent := filepath.Dir(dir); parent != dir {
+		if err := mkdirDurable(parent); err != nil {
+			return err
+		}
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	return syncDir(filepath.Dir(dir))
+}
+
+// syncDir fsyncs a directory, making the names in it durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }

@@ -21,7 +21,7 @@ import (
 	"github.com/agentstream/agentstream/transport"
 )
 
-const relaySecret = "relay-test-container-secret"
+const relaySecret = "relay-test-container-secret-0123456789abcdef"
 
 // upstreamEnv is a real container control API on 127.0.0.1 and a real
 // `serve --upstream` in front of it, which a test can stop and start again

@@ -85,7 +85,7 @@ func Serve(ctx context.Context, cfg Config) error {
 	}
 	dsn := cfg.DB
 	if dsn == "" {
-		dsn = "sqlite:" + filepath.Join(cfg.DataDir, "agentstream.db")
+		dsn = "sqlite:" + filepath.Join(cfg.DataDir, DBFile)
 	}
 	store, err := model.Open(ctx, dsn, model.Options{Retain: cfg.Retain, Logger: log})
 	if err != nil {

@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -37,6 +38,38 @@ const (
 	StateExited  = "exited"
 )
 
+// MinSecretLen is the shortest control API secret accepted: as long as
+// the server's signing secret, so neither is the weaker one to guess.
+const MinSecretLen = 32
+
+// minimalEnv is what agents keep of the container's environment with
+// AgentEnv's minimal: what a program needs to find its tools, its home and
+// its locale, and nothing that could carry a secret.
+var minimalEnv = []string{"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "TZ", "TMPDIR", "TERM"}
+
+// AgentEnv is the environment agent processes start from, made from the
+// container's own environ. Every AGENTSTREAM_ variable is dropped: the
+// container's secret, and the server's signing secret if it is set here,
+// would let an agent start processes or mint tokens for every town. With
+// minimal, only a few harmless variables (PATH, HOME, LANG, ...) are kept,
+// and those named in allow.
+func AgentEnv(environ []string, minimal bool, allow []string) []string {
+	keep := func(name string) bool {
+		if strings.HasPrefix(name, "AGENTSTREAM_") {
+			return false
+		}
+		return !minimal || slices.Contains(minimalEnv, name) || slices.Contains(allow, name)
+	}
+	var env []string
+	for _, kv := range environ {
+		name, _, _ := strings.Cut(kv, "=")
+		if keep(name) {
+			env = append(env, kv)
+		}
+	}
+	return env
+}
+
 // Exit reasons, in the data of the agent.exited event.
 const (
 	ReasonCompleted = "completed" // exit status 0
@@ -50,7 +83,8 @@ type Options struct {
 	TTL     time.Duration // how long an exited agent's buffer is kept; default 5 min
 	RingLen int           // events kept per agent; default 500
 	// Env is the environment agent processes start from (a request's env
-	// is added to it); default os.Environ() without SecretEnv.
+	// is added to it); default AgentEnv(os.Environ(), false, nil): the
+	// container's own, without any AGENTSTREAM_ variable.
 	Env []string
 	// Drain bounds the wait, after a process exits, for the rest of its
 	// output: children it left behind may hold its pipes. Default 2 s.
@@ -157,11 +191,7 @@ func New(opts Options) *Container {
 		opts.RingLen = 500
 	}
 	if opts.Env == nil {
-		for _, kv := range os.Environ() {
-			if !strings.HasPrefix(kv, SecretEnv+"=") {
-				opts.Env = append(opts.Env, kv)
-			}
-		}
+		opts.Env = AgentEnv(os.Environ(), false, nil)
 	}
 	if opts.Drain <= 0 {
 		opts.Drain = 2 * time.Second

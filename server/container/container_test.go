@@ -20,7 +20,7 @@ import (
 	"go.uber.org/goleak"
 )
 
-const testSecret = "container-test-secret"
+const testSecret = "container-test-secret-0123456789abcdef"
 
 var quiet = slog.New(slog.DiscardHandler)
 

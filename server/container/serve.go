@@ -14,8 +14,8 @@ import (
 // (SIGTERM, SIGKILL after the grace period) and the listener. ready, if not
 // nil, is called with the listening address.
 func Serve(ctx context.Context, addr, secret string, opts Options, ready func(net.Addr)) error {
-	if secret == "" {
-		return fmt.Errorf("the control API needs a secret: set %s", SecretEnv)
+	if len(secret) < MinSecretLen {
+		return fmt.Errorf("%s is %d bytes; the control API needs a secret of at least %d", SecretEnv, len(secret), MinSecretLen)
 	}
 	if opts.Log == nil {
 		opts.Log = slog.Default()

@@ -18,7 +18,7 @@ import (
 	"time"
 )
 
-const relaySecret = "loadtest-container-secret"
+const relaySecret = "loadtest-container-secret-0123456789abcdef"
 
 // emit is the agent of the relay scenarios: it writes n events to stdout at
 // rate per second (0: as fast as it can), each carrying its sequence number
