@@ -13,10 +13,12 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/agentstream/agentstream/model"
+	"github.com/agentstream/agentstream/poll"
 	"github.com/agentstream/agentstream/server/container"
 	"github.com/agentstream/agentstream/transport"
 )
@@ -349,4 +351,40 @@ func TestRelayRidesOutContainerOutage(t *testing.T) {
 		return len(evs) > 0 && evs[len(evs)-1].Type == model.TypeExited
 	})
 	checkRelayed(t, e.stored("a1"), n, "completed")
+}
+
+// TestRelayHonoursRetryAfter: a container that answers 429 with
+// Retry-After is not asked again, by the list or by a pull, before then.
+func TestRelayHonoursRetryAfter(t *testing.T) {
+	var calls atomic.Int32
+	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		w.Header().Set("Retry-After", "600")
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusTooManyRequests)
+		w.Write([]byte(`{"error":{"code":"busy","message":"later"}}`))
+	}))
+	defer front.Close()
+	store, err := model.Open(context.Background(), filepath.Join(t.TempDir(), "a.db"), model.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	sched := poll.New(store, poll.Options{})
+	defer sched.Close()
+	r := NewRelay(&container.Client{URL: front.URL, Secret: relaySecret}, store, "t1", "r1", slog.New(slog.DiscardHandler))
+	if err := r.sync(context.Background(), sched); err == nil {
+		t.Fatal("a 429 from the container was not an error")
+	}
+	for range 3 {
+		if err := r.sync(context.Background(), sched); err != nil {
+			t.Fatalf("list during Retry-After: %v", err)
+		}
+		if n, err := r.Pull(context.Background(), model.AgentKey{Town: "t1", Agent: "a1"}); n != 0 || err != nil {
+			t.Fatalf("pull during Retry-After: %d %v", n, err)
+		}
+	}
+	if n := calls.Load(); n != 1 {
+		t.Fatalf("the container was asked %d times; after its Retry-After, once", n)
+	}
 }
