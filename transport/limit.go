@@ -81,6 +81,20 @@ func (c *limitedConn) SyscallConn() (syscall.RawConn, error) {
 	return sc.SyscallConn()
 }
 
+// writerOf is what to write conn's bytes to: the connection under
+// wrappers that only count or carry early bytes in. net.Buffers writes
+// with one writev only to a *net.TCPConn; through a wrapper it would make a
+// system call per frame.
+func writerOf(conn net.Conn) net.Conn {
+	switch c := conn.(type) {
+	case *limitedConn:
+		return writerOf(c.Conn)
+	case *prefixConn:
+		return writerOf(c.Conn)
+	}
+	return conn
+}
+
 // socket returns the plain TCP socket under conn, or nil when conn may
 // hold bytes above the socket (TLS, a reader carrying early bytes).
 func socket(conn net.Conn) *net.TCPConn {

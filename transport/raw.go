@@ -18,6 +18,7 @@ import (
 // HTTP/2 streams share their connection and stay with net/http (SSE).
 type Raw struct {
 	conn  net.Conn
+	out   net.Conn // conn, or the socket under it, to write to (writerOf)
 	ndj   bool
 	gone  func()
 	dl    writeDeadline
@@ -40,7 +41,7 @@ func HijackSSE(w http.ResponseWriter, r *http.Request, opts Options, ndjson bool
 	// The client has nothing more to send on this connection (a request
 	// pipelined behind this one is not served), so net/http's read
 	// buffer, and anything in it, is dropped with it.
-	s := &Raw{conn: conn, ndj: ndjson, gone: gone,
+	s := &Raw{conn: conn, out: writerOf(conn), ndj: ndjson, gone: gone,
 		dl: writeDeadline{timeout: opts.WriteTimeout, set: conn.SetWriteDeadline}}
 	first := "retry: 2000\n\n"
 	if ndjson {
@@ -105,7 +106,7 @@ func (s *Raw) WriteEvents(frames [][]byte) error {
 	}
 	s.bufs = append(s.bufs[:0], frames...)
 	b := s.bufs
-	_, err := b.WriteTo(s.conn)
+	_, err := b.WriteTo(s.out)
 	s.bufs = reuse(s.bufs)
 	return err
 }
@@ -132,6 +133,6 @@ func (s *Raw) write(b []byte) error {
 	if err := s.dl.refresh(); err != nil {
 		return err
 	}
-	_, err := s.conn.Write(b)
+	_, err := s.out.Write(b)
 	return err
 }

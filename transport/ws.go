@@ -30,6 +30,7 @@ const maxClientPayload = 4 << 10
 // Poller, or on TLS, a goroutine of the stream's own waits in a read.
 type WS struct {
 	conn net.Conn
+	out  net.Conn // conn, or the socket under it, to write to (writerOf)
 	opts Options
 	gone func() // called once when the client has gone
 
@@ -62,7 +63,7 @@ func UpgradeWS(w http.ResponseWriter, r *http.Request, opts Options, gone func()
 		b, _ := rw.Reader.Peek(rw.Reader.Buffered())
 		conn = &prefixConn{Conn: conn, r: io.MultiReader(bytes.NewReader(bytes.Clone(b)), conn)}
 	}
-	s := &WS{conn: conn, opts: opts, gone: gone, ended: make(chan struct{}),
+	s := &WS{conn: conn, out: writerOf(conn), opts: opts, gone: gone, ended: make(chan struct{}),
 		dl: writeDeadline{timeout: opts.WriteTimeout, set: conn.SetWriteDeadline}}
 	s.lastRead.Store(time.Now().UnixNano())
 	if !early { // bytes carried over are in prefixConn, where epoll cannot see them
@@ -92,7 +93,7 @@ func (s *WS) WriteEvents(frames [][]byte) error {
 	if err := s.setDeadline(); err != nil {
 		return err
 	}
-	_, err := b.WriteTo(s.conn)
+	_, err := b.WriteTo(s.out)
 	s.bufs = reuse(s.bufs)
 	return err
 }
@@ -116,7 +117,7 @@ func (s *WS) Keepalive() error {
 	if err := s.setDeadline(); err != nil {
 		return err
 	}
-	_, err := s.conn.Write(ws.CompiledPing)
+	_, err := s.out.Write(ws.CompiledPing)
 	return err
 }
 
@@ -173,7 +174,7 @@ func (s *WS) sendClose(code ws.StatusCode, text string) error {
 	if code != 0 {
 		body = ws.NewCloseFrameBody(code, text)
 	}
-	return ws.WriteFrame(s.conn, ws.NewCloseFrame(body))
+	return ws.WriteFrame(s.out, ws.NewCloseFrame(body))
 }
 
 func (s *WS) writeFrame(f ws.Frame) error {
@@ -182,7 +183,7 @@ func (s *WS) writeFrame(f ws.Frame) error {
 	if err := s.setDeadline(); err != nil {
 		return err
 	}
-	return ws.WriteFrame(s.conn, f)
+	return ws.WriteFrame(s.out, f)
 }
 
 func (s *WS) setDeadline() error { return s.dl.refresh() }
