@@ -187,7 +187,7 @@ func (f *feed) publish(evs []model.Event) {
 		cost := it.Cost()
 		for j := 0; j < len(f.live); {
 			sub := f.live[j]
-			if sub.held.Load()+cost > budget && sub.held.Load() > 0 {
+			if h := sub.held.Load(); h > 0 && h+cost > budget {
 				f.demote(j)
 				continue
 			}
