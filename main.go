@@ -176,6 +176,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	readHeader := fs.Duration("read-header-timeout", server.DefaultReadHeaderTimeout, "time a client has to send a request's headers")
 	bodyTimeout := fs.Duration("body-timeout", server.DefaultBodyTimeout, "time a client has to send a request's body")
 	idle := fs.Duration("idle-timeout", server.DefaultIdleTimeout, "time a keep-alive connection may wait for its next request")
+	idemWindow := fs.Duration("idempotency-window", server.DefaultIdempotencyWindow, "how long ingest remembers an Idempotency-Key (at least 24h)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -187,6 +188,9 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	}
 	if *readHeader <= 0 || *bodyTimeout <= 0 || *idle <= 0 {
 		return usageError{"--read-header-timeout, --body-timeout and --idle-timeout must be positive"}
+	}
+	if *idemWindow < 24*time.Hour {
+		return usageError{"--idempotency-window must be at least 24h: a client may retry a batch that long after"}
 	}
 	if *retain < 1 {
 		return usageError{"--retain must be at least 1"}
@@ -219,7 +223,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 		WriteTimeout: *writeTimeout, Keepalive: *keepalive, Origins: origins,
 		TLSCert: *tlsCert, TLSKey: *tlsKey,
 		Secret: os.Getenv("AGENTSTREAM_SECRET"), Log: log, Out: stdout,
-		MaxConns: *maxConns, ReadHeaderTimeout: *readHeader, IdleTimeout: *idle,
+		MaxConns: *maxConns, ReadHeaderTimeout: *readHeader, IdleTimeout: *idle, IdempotencyWindow: *idemWindow,
 		Limits: server.Limits{
 			StreamsPerTown: *townStreams, TicketsPerTown: *townTickets, BodyTimeout: *bodyTimeout,
 			IngestEvents: *ingestEvents, IngestEventBurst: *ingestEventBurst,

@@ -60,7 +60,32 @@ func migrations() *migrate.Migrations {
 			return identityPerTown(ctx, m.DB())
 		},
 	})
+	ms.Add(migrate.Migration{
+		Name:    "20261127000006",
+		Comment: "idempotency_keys",
+		Up: func(ctx context.Context, m *migrate.Migrator, _ *migrate.Migration) error {
+			db := m.DB()
+			if _, err := db.NewCreateTable().Model((*idempotencyKeyV1)(nil)).IfNotExists().Exec(ctx); err != nil {
+				return err
+			}
+			_, err := db.NewCreateIndex().Model((*idempotencyKeyV1)(nil)).Index("idempotency_keys_created_at").
+				IfNotExists().Column("created_at").Exec(ctx)
+			return err
+		},
+	})
 	return ms
+}
+
+// idempotencyKeyV1 is idempotency_keys as migration 6 created it.
+type idempotencyKeyV1 struct {
+	bun.BaseModel `bun:"table:idempotency_keys"`
+
+	TownID    string    `bun:"town_id,pk"`
+	AgentID   string    `bun:"agent_id,pk"`
+	Key       string    `bun:"key,pk"`
+	Hash      string    `bun:"hash,notnull"`
+	IDs       string    `bun:"ids,notnull"`
+	CreatedAt time.Time `bun:"created_at,notnull"`
 }
 
 // pruneMarkV1 is agent_prune_marks as the second migration created it,

@@ -82,7 +82,14 @@ type appendReq struct {
 	events []Event
 	done   chan error // capacity 1: the writer never blocks on it
 	err    error      // set by the writer when this request alone is refused
+
+	once     *Once      // AppendOnce's key, or nil
+	replayed bool       // its key was stored: events got the stored ids
+	leader   *appendReq // an earlier request of the group with the same key
 }
+
+// stored reports whether the commit wrote this request's events.
+func (r *appendReq) stored() bool { return r.err == nil && !r.replayed && r.leader == nil }
 
 // townAgent is an agent's identity: its town and its id.
 type townAgent struct{ town, agent string }
@@ -198,15 +205,22 @@ func (s *Store) Append(ctx context.Context, events []Event) error {
 	}
 	// The database keeps microseconds; cut them here so that what Append
 	// hands back equals what After reads.
+	return s.enqueue(ctx, &appendReq{events: events})
+}
+
+// enqueue hands r to the writer and waits for its answer.
+func (s *Store) enqueue(ctx context.Context, r *appendReq) error {
+	// The database keeps microseconds; cut them here so that what Append
+	// hands back equals what After reads.
 	now := time.Now().UTC().Truncate(time.Microsecond)
-	for i := range events {
-		if events[i].CreatedAt.IsZero() {
-			events[i].CreatedAt = now
+	for i := range r.events {
+		if r.events[i].CreatedAt.IsZero() {
+			r.events[i].CreatedAt = now
 		} else {
-			events[i].CreatedAt = events[i].CreatedAt.UTC().Truncate(time.Microsecond)
+			r.events[i].CreatedAt = r.events[i].CreatedAt.UTC().Truncate(time.Microsecond)
 		}
 	}
-	r := &appendReq{events: events, done: make(chan error, 1)}
+	r.done = make(chan error, 1)
 	s.mu.RLock()
 	if s.closed {
 		s.mu.RUnlock()
@@ -258,7 +272,7 @@ func (s *Store) writeLoop() {
 			// Before answering: the callers own their slices again after.
 			if fn := s.onCommit.Load(); fn != nil {
 				for _, r := range group {
-					if r.err == nil {
+					if r.stored() {
 						(*fn)(r.events)
 					}
 				}
@@ -284,18 +298,41 @@ func (s *Store) commit(group []*appendReq) (map[townAgent]string, error) {
 	defer cancel()
 	var bound map[townAgent]string
 	err := s.db.RunInTx(ctx, nil, func(ctx context.Context, tx bun.Tx) error {
+		for _, r := range group {
+			r.err, r.replayed, r.leader = nil, false, nil
+		}
+		if err := checkKeys(ctx, tx, group); err != nil {
+			return err
+		}
 		var err error
 		if bound, err = s.bindRigs(ctx, tx, group); err != nil {
 			return err
 		}
 		for _, r := range group {
-			if r.err != nil {
+			if !r.stored() {
 				continue
 			}
 			for evs := range slices.Chunk(r.events, 500) {
 				if err := insertEvents(ctx, tx, evs); err != nil {
 					return err
 				}
+			}
+			if r.once != nil {
+				if err := storeKey(ctx, tx, r); err != nil {
+					return err
+				}
+			}
+		}
+		// A request that repeated an earlier one's key in this group gets
+		// that one's ids, or its refusal.
+		for _, r := range group {
+			if l := r.leader; l != nil {
+				r.err = l.err
+				for i := range r.events {
+					r.events[i].ID = l.events[i].ID
+				}
+				r.replayed = l.err == nil
+				r.leader = nil
 			}
 		}
 		return nil
@@ -317,7 +354,9 @@ func (s *Store) bindRigs(ctx context.Context, tx bun.Tx, group []*appendReq) (ma
 	bound := make(map[townAgent]string)
 	var fresh []Agent // agents this group binds first
 	for _, r := range group {
-		r.err = nil
+		if !r.stored() {
+			continue
+		}
 		for i := range r.events {
 			e := &r.events[i]
 			k := townAgent{e.TownID, e.AgentID}
@@ -368,7 +407,7 @@ func (s *Store) bindRigs(ctx context.Context, tx bun.Tx, group []*appendReq) (ma
 		for _, r := range group {
 			for i := range r.events {
 				e := &r.events[i]
-				if rig := bound[townAgent{e.TownID, e.AgentID}]; r.err == nil && rig != e.RigID {
+				if rig := bound[townAgent{e.TownID, e.AgentID}]; r.stored() && rig != e.RigID {
 					r.err = &RigConflictError{Town: e.TownID, Agent: e.AgentID, Rig: rig, Posted: e.RigID}
 				}
 			}
@@ -571,7 +610,7 @@ func (s *Store) markDirty(group []*appendReq) {
 	}
 	s.dirtyMu.Lock()
 	for _, r := range group {
-		if r.err != nil {
+		if !r.stored() {
 			continue
 		}
 		for i := range r.events {

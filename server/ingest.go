@@ -2,6 +2,8 @@ package server
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -105,6 +107,23 @@ func checkInput(e *Input) *apiError {
 	return nil
 }
 
+// MaxIdempotencyKeyLen is the longest Idempotency-Key.
+const MaxIdempotencyKeyLen = 128
+
+// checkIdempotencyKey returns why key is not a valid Idempotency-Key (1 to
+// 128 printable ASCII characters), or "".
+func checkIdempotencyKey(key string) string {
+	if key == "" || len(key) > MaxIdempotencyKeyLen {
+		return fmt.Sprintf("Idempotency-Key must be 1 to %d printable characters; this one is %d.", MaxIdempotencyKeyLen, len(key))
+	}
+	for _, c := range []byte(key) {
+		if c < 0x20 || c > 0x7e {
+			return "Idempotency-Key must be printable ASCII characters."
+		}
+	}
+	return ""
+}
+
 // checkType returns why typ is not a valid event type, or "".
 func checkType(typ string) string { return model.CheckType(typ) }
 
@@ -158,6 +177,13 @@ func (s *Server) handleIngest(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusForbidden, "wrong_rig", fmt.Sprintf("This token is for rig %q, not %q.", c.Rig, rig)))
 		return
 	}
+	key, hasKey := r.Header.Get("Idempotency-Key"), len(r.Header.Values("Idempotency-Key")) > 0
+	if hasKey {
+		if msg := checkIdempotencyKey(key); msg != "" {
+			writeError(w, errorf(http.StatusBadRequest, "invalid_idempotency_key", msg))
+			return
+		}
+	}
 	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
 		writeError(w, errorf(http.StatusUnsupportedMediaType, "unsupported_media_type", "Send the body as Content-Type: application/json."))
 		return
@@ -202,8 +228,19 @@ func (s *Server) handleIngest(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	start := time.Now()
-	err = s.store.Append(r.Context(), events)
+	replayed := false
+	if hasKey {
+		sum := sha256.Sum256(body)
+		replayed, err = s.store.AppendOnce(r.Context(), events, model.Once{Key: key, Hash: hex.EncodeToString(sum[:])})
+	} else {
+		err = s.store.Append(r.Context(), events)
+	}
 	s.metrics.appendSeconds.Observe(time.Since(start).Seconds())
+	if errors.Is(err, model.ErrKeyReused) {
+		writeError(w, errorf(http.StatusUnprocessableEntity, "idempotency_key_reused",
+			"This Idempotency-Key was used with another request body for this agent; use a new key for a new batch."))
+		return
+	}
 	var conflict *model.RigConflictError
 	if errors.As(err, &conflict) {
 		writeError(w, errorf(http.StatusConflict, "agent_in_other_rig",
@@ -214,7 +251,12 @@ func (s *Server) handleIngest(w http.ResponseWriter, r *http.Request) {
 		s.storeFailed(w, r, "append", err)
 		return
 	}
-	s.metrics.ingested.Add(float64(len(events)))
+	if replayed {
+		// The answer the first request got; nothing was stored now.
+		w.Header().Set("Idempotent-Replayed", "true")
+	} else {
+		s.metrics.ingested.Add(float64(len(events)))
+	}
 	ids := make([]int64, len(events))
 	for i := range events {
 		ids[i] = events[i].ID

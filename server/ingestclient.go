@@ -3,6 +3,8 @@ package server
 import (
 	"bytes"
 	"context"
+	crand "crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -33,8 +35,9 @@ type IngestClient struct {
 // that says the request is wrong (a 4xx other than 429) is not retried. A
 // 429 or 503 with Retry-After is retried no sooner than it says.
 //
-// A retry after a response was lost on the way back may store a batch
-// twice: the ingest API has no idempotency key yet.
+// Every batch carries an Idempotency-Key of its own, and its retries the
+// same one: a retry after a response was lost on the way back gets the
+// first answer, and the batch is stored once.
 func (c *IngestClient) Send(ctx context.Context, batch []container.Line) error {
 	type in struct {
 		Type string          `json:"type"`
@@ -48,6 +51,9 @@ func (c *IngestClient) Send(ctx context.Context, batch []container.Line) error {
 	if err != nil {
 		return err
 	}
+	var raw [16]byte
+	crand.Read(raw[:])
+	key := hex.EncodeToString(raw[:])
 	retryFor := c.RetryFor
 	if retryFor <= 0 {
 		retryFor = time.Minute
@@ -55,7 +61,7 @@ func (c *IngestClient) Send(ctx context.Context, batch []container.Line) error {
 	deadline := time.Now().Add(retryFor)
 	wait := 100 * time.Millisecond
 	for {
-		err := c.post(ctx, body)
+		err := c.post(ctx, body, key)
 		if err == nil {
 			return nil
 		}
@@ -84,7 +90,7 @@ func (c *IngestClient) Send(ctx context.Context, batch []container.Line) error {
 	}
 }
 
-func (c *IngestClient) post(ctx context.Context, body []byte) error {
+func (c *IngestClient) post(ctx context.Context, body []byte, key string) error {
 	u := strings.TrimRight(c.URL, "/") + "/api/rigs/" + url.PathEscape(c.Rig) + "/agent-events"
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(body))
 	if err != nil {
@@ -92,6 +98,7 @@ func (c *IngestClient) post(ctx context.Context, body []byte) error {
 	}
 	req.Header.Set("Authorization", "Bearer "+c.Token)
 	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Idempotency-Key", key)
 	hc := c.HTTP
 	if hc == nil {
 		hc = &http.Client{Timeout: 30 * time.Second}

@@ -48,6 +48,10 @@ type Config struct {
 	ReadHeaderTimeout time.Duration
 	IdleTimeout       time.Duration
 
+	// IdempotencyWindow is how long ingest remembers an Idempotency-Key
+	// (default 24 h).
+	IdempotencyWindow time.Duration
+
 	// Demo, when set, replays these sessions as live agents of DemoTown.
 	Demo [][]RecordedEvent
 
@@ -157,7 +161,11 @@ func Serve(ctx context.Context, cfg Config) error {
 		})
 	}
 
-	wg.Go(func() { sweepTickets(bgCtx, store, log) })
+	window := cfg.IdempotencyWindow
+	if window <= 0 {
+		window = DefaultIdempotencyWindow
+	}
+	wg.Go(func() { sweep(bgCtx, store, window, log) })
 	if relay != nil {
 		// New agents are listed as often as busy ones are pulled, so that a
 		// fast agent's first pull comes before its ring wraps.
@@ -264,8 +272,12 @@ var connRefusal = []byte("HTTP/1.1 503 Service Unavailable\r\nContent-Type: appl
 	"Connection: close\r\nContent-Length: 104\r\n\r\n" +
 	`{"error":{"code":"too_many_connections","message":"The server holds its limit of connections; retry."}}` + "\n")
 
-// sweepTickets deletes expired stream tickets once a minute.
-func sweepTickets(ctx context.Context, store *model.Store, log *slog.Logger) {
+// DefaultIdempotencyWindow is how long an Idempotency-Key is remembered.
+const DefaultIdempotencyWindow = 24 * time.Hour
+
+// sweep deletes, once a minute, expired stream tickets and idempotency
+// keys older than window.
+func sweep(ctx context.Context, store *model.Store, window time.Duration, log *slog.Logger) {
 	t := time.NewTicker(time.Minute)
 	defer t.Stop()
 	for {
@@ -276,6 +288,9 @@ func sweepTickets(ctx context.Context, store *model.Store, log *slog.Logger) {
 		}
 		if _, err := store.SweepTickets(ctx, time.Now().Add(-time.Minute)); err != nil && ctx.Err() == nil {
 			log.Error("sweep tickets", "err", err)
+		}
+		if _, err := store.SweepKeys(ctx, time.Now().Add(-window)); err != nil && ctx.Err() == nil {
+			log.Error("sweep idempotency keys", "err", err)
 		}
 	}
 }

@@ -2,10 +2,19 @@ package server
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"net/http"
+	"strings"
+	"sync/atomic"
 	"testing"
+
+	"github.com/agentstream/agentstream/model"
 )
+
+// unlimited lifts the per-agent ingest rate, which a benchmark that posts
+// as fast as it can would otherwise measure.
+var unlimited = Limits{IngestEvents: 1e12, IngestBytes: 1e15}
 
 // BenchmarkPostSingle: one event per POST through the real HTTP server on
 // 127.0.0.1, JWT check and durable commit included. "serial" is one client
@@ -18,7 +27,7 @@ func BenchmarkPostSingle(b *testing.B) {
 			name = "parallel"
 		}
 		b.Run(name, func(b *testing.B) {
-			e := newEnv(b)
+			e := newEnvWith(b, Options{Limits: unlimited}, model.Options{})
 			tr := &http.Transport{MaxIdleConnsPerHost: 256}
 			defer tr.CloseIdleConnections()
 			client := &http.Client{Transport: tr}
@@ -51,6 +60,50 @@ func BenchmarkPostSingle(b *testing.B) {
 				})
 			}
 			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
+		})
+	}
+}
+
+// BenchmarkPostBatchKeyed: batches of 100 events from 8 clients at once,
+// with and without an Idempotency-Key (a new one per batch), against the
+// real HTTP server. The keyed/unkeyed ratio of events/s is the cost of
+// exactly-once ingest: a key lookup and a key row in each commit.
+func BenchmarkPostBatchKeyed(b *testing.B) {
+	evs := make([]string, 100)
+	for i := range evs {
+		evs[i] = `{"type":"message.part.updated","data":{"part":{"type":"text","text":"Running the tests"},"delta":" tests"}}`
+	}
+	body := []byte(`{"events":[` + strings.Join(evs, ",") + `]}`)
+	for _, keyed := range []bool{false, true} {
+		b.Run(map[bool]string{false: "unkeyed", true: "keyed"}[keyed], func(b *testing.B) {
+			e := newEnvWith(b, Options{Limits: unlimited}, model.Options{})
+			tr := &http.Transport{MaxIdleConnsPerHost: 64}
+			defer tr.CloseIdleConnections()
+			client := &http.Client{Transport: tr}
+			var n atomic.Int64
+			b.SetParallelism(4) // 8 clients on 2 cores
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					req, _ := http.NewRequest("POST", e.base+"/api/rigs/r1/agent-events", bytes.NewReader(body))
+					req.Header.Set("Authorization", "Bearer "+e.agent)
+					req.Header.Set("Content-Type", "application/json")
+					if keyed {
+						req.Header.Set("Idempotency-Key", fmt.Sprint("k-", n.Add(1)))
+					}
+					resp, err := client.Do(req)
+					if err != nil {
+						b.Error(err)
+						return
+					}
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != 201 {
+						b.Errorf("status %d", resp.StatusCode)
+					}
+				}
+			})
+			b.ReportMetric(float64(b.N*len(evs))/b.Elapsed().Seconds(), "events/s")
 		})
 	}
 }
