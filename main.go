@@ -422,7 +422,7 @@ func cmdTail(args []string, stdout, stderr io.Writer) error {
 			return ev.Type == model.TypeExited
 		},
 		OnNotice: func(name string, data []byte) {
-			fmt.Fprintf(stderr, "agentstream: notice %s %s\n", name, data)
+			fmt.Fprintln(stderr, noticeLine(name, data))
 		},
 		OnReconnect: func(err error, wait time.Duration) {
 			fmt.Fprintf(stderr, "agentstream: reconnecting in %s: %v\n", wait.Round(time.Millisecond), err)
@@ -433,6 +433,19 @@ func cmdTail(args []string, stdout, stderr io.Writer) error {
 		return nil
 	}
 	return err
+}
+
+// noticeLine is what tail prints for a stream notice: a gap is a warning
+// that says which events are gone and where the stream goes on.
+func noticeLine(name string, data []byte) string {
+	var gap struct {
+		After   int64 `json:"after"`
+		FirstID int64 `json:"first_id"`
+	}
+	if name == "gap" && json.Unmarshal(data, &gap) == nil {
+		return fmt.Sprintf("agentstream: warning: events after id %d were deleted by retention before they were read; going on from id %d", gap.After, gap.FirstID)
+	}
+	return fmt.Sprintf("agentstream: notice %s %s", name, data)
 }
 
 // exitStatus is an exit status passed through from a command `run` wrapped.

@@ -357,3 +357,68 @@ func TestLimitAndSecretUsage(t *testing.T) {
 		}
 	}
 }
+
+// TestTailWarnsOfGap: tail resuming from an id that retention has deleted
+// says so on stderr, then prints the events still held; the page read of
+// the same cursor carries the gap.
+func TestTailWarnsOfGap(t *testing.T) {
+	bin := buildBinary(t)
+	data := filepath.Join(t.TempDir(), "data")
+	agent := runCmd(t, bin, "token", "agent", "--town", "t", "--rig", "r", "--agent", "a", "--data", data)
+	viewer := runCmd(t, bin, "token", "viewer", "--town", "t", "--data", data)
+	cmd := exec.Command(bin, "serve", "--addr", "127.0.0.1:0", "--data", data, "--log-format", "json", "--retain", "5")
+	cmd.Env = cleanEnv()
+	s := startListening(t, cmd, "listening")
+	for i := range 20 {
+		postEvent(t, s.base, agent, fmt.Sprintf(`{"type":"step","data":{"n":%d}}`, i))
+	}
+	last := postEvent(t, s.base, agent, `{"type":"agent.exited","data":{"reason":"completed","exit_code":0}}`)[0]
+	var page struct {
+		Events []wireEvent
+		Gap    *struct {
+			After   int64 `json:"after"`
+			FirstID int64 `json:"first_id"`
+		}
+	}
+	waitFor(t, "retention to prune", func() bool {
+		req, _ := http.NewRequest("GET", s.base+"/api/rigs/r/agents/a/events?after_id=1", nil)
+		req.Header.Set("Authorization", "Bearer "+viewer)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		page.Gap = nil
+		json.NewDecoder(resp.Body).Decode(&page)
+		return page.Gap != nil
+	})
+	if page.Gap.After != 1 || len(page.Events) != 5 || page.Gap.FirstID != page.Events[0].ID || page.Events[4].ID != last {
+		t.Fatalf("page after 1: gap %+v, %d events", page.Gap, len(page.Events))
+	}
+	tail := exec.Command(bin, "tail", "--town", "t", "--agent", "a", "--server", s.base, "--after", "1", "--json", "--data", data)
+	tail.Env = cleanEnv()
+	var out, errOut bytes.Buffer
+	tail.Stdout, tail.Stderr = &out, &errOut
+	if err := tail.Run(); err != nil {
+		t.Fatalf("tail: %v (%s)", err, errOut.String())
+	}
+	want := fmt.Sprintf("warning: events after id 1 were deleted by retention before they were read; going on from id %d", page.Gap.FirstID)
+	if !strings.Contains(errOut.String(), want) {
+		t.Fatalf("tail's stderr %q does not warn of the gap", errOut.String())
+	}
+	if n := strings.Count(out.String(), "\n"); n != 5 {
+		t.Fatalf("tail printed %d events, want the 5 held", n)
+	}
+}
+
+// waitFor polls cond until it holds, failing the test after 30 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -58,11 +58,39 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 	if len(evs) > 0 {
 		next = evs[len(evs)-1].ID
 	}
+	// Read after the page: a prune between the two reads then shows as a
+	// gap rather than passing unseen.
+	pruned, err := s.store.PrunedThrough(r.Context(), key)
+	if err != nil {
+		s.storeFailed(w, r, "prune_mark", err)
+		return
+	}
+	var gap *pageGap
+	if after < pruned {
+		// Events after the cursor were deleted by retention: say so, and
+		// from where the history goes on.
+		first := int64(0)
+		if len(evs) > 0 {
+			first = evs[0].ID
+		} else if first, err = s.store.Oldest(r.Context(), key); err != nil {
+			s.storeFailed(w, r, "oldest", err)
+			return
+		}
+		gap = &pageGap{After: after, FirstID: first}
+	}
 	writeJSON(w, http.StatusOK, struct {
 		Events      []model.Event `json:"events"`
 		NextAfterID int64         `json:"next_after_id"`
 		HasMore     bool          `json:"has_more"`
-	}{evs, next, more})
+		Gap         *pageGap      `json:"gap,omitempty"`
+	}{evs, next, more, gap})
+}
+
+// pageGap tells a page reader that retention deleted events after its
+// cursor: the page goes on from FirstID (0: nothing is held now).
+type pageGap struct {
+	After   int64 `json:"after"`
+	FirstID int64 `json:"first_id"`
 }
 
 // checkIDs checks path ids, given as name, value pairs, by the rules of
