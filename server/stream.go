@@ -507,9 +507,14 @@ func (p *pump) attrs(more ...any) []any {
 	return append([]any{"town", p.key.Town, "agent", p.key.Agent, "transport", p.st.Kind(), "proto", p.st.Proto()}, more...)
 }
 
+// logEnd logs the end of a stream. events_written counts the events of
+// whole writes the connection accepted, and cursor is the last of them: a
+// write cut short by the write timeout is not counted, not even the part
+// of it that went out. For a client dropped mid-write that is a lower
+// bound of what it may have received; it resumes from its own last id.
 func (p *pump) logEnd() {
 	p.s.metrics.drops.WithLabelValues(p.reason).Inc()
-	p.s.log.Info("stream disconnected", p.attrs("cursor", p.cursor, "events", p.sent,
+	p.s.log.Info("stream disconnected", p.attrs("cursor", p.cursor, "events_written", p.sent,
 		"duration", time.Since(p.start).Round(time.Millisecond), "reason", p.reason)...)
 }
 
