@@ -62,10 +62,13 @@ func migrations() *migrate.Migrations {
 	})
 	ms.Add(migrate.Migration{
 		Name:    "20261127000006",
-		Comment: "idempotency_keys",
+		Comment: "idempotency_keys, store_probe",
 		Up: func(ctx context.Context, m *migrate.Migrator, _ *migrate.Migration) error {
 			db := m.DB()
 			if _, err := db.NewCreateTable().Model((*idempotencyKeyV1)(nil)).IfNotExists().Exec(ctx); err != nil {
+				return err
+			}
+			if _, err := db.NewCreateTable().Model((*storeProbe)(nil)).IfNotExists().Exec(ctx); err != nil {
 				return err
 			}
 			_, err := db.NewCreateIndex().Model((*idempotencyKeyV1)(nil)).Index("idempotency_keys_created_at").

@@ -61,6 +61,9 @@ type Store struct {
 	log  *slog.Logger
 
 	onCommit atomic.Pointer[func([]Event)]
+	// writeErr is the error of the last commit, or of the last write
+	// probe, whichever came last; nil after a success.
+	writeErr atomic.Pointer[error]
 
 	mu      sync.RWMutex // guards closed against sends on appendc
 	closed  bool
@@ -261,6 +264,7 @@ func (s *Store) writeLoop() {
 			}
 		}
 		bound, err := s.commit(group)
+		s.wrote(err)
 		if err == nil {
 			for k, rig := range bound {
 				if len(s.rigs) >= maxRigCache {
@@ -456,6 +460,54 @@ func insertEvents(ctx context.Context, tx bun.Tx, evs []Event) error {
 		}
 	}
 	return nil
+}
+
+// wrote records the outcome of a write: what Writable reports.
+func (s *Store) wrote(err error) {
+	if err == nil {
+		if s.writeErr.Load() != nil {
+			s.writeErr.Store(nil)
+		}
+		return
+	}
+	s.writeErr.Store(&err)
+}
+
+// Writable returns the error of the last write, nil if it committed (or
+// nothing was written yet). A full disk or a read-only filesystem shows
+// here while the database still answers reads.
+func (s *Store) Writable() error {
+	if p := s.writeErr.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// storeProbe is the one-row table ProbeWrite writes.
+type storeProbe struct {
+	bun.BaseModel `bun:"table:store_probe"`
+
+	ID int64     `bun:"id,pk"`
+	At time.Time `bun:"at,notnull"`
+}
+
+// ProbeWrite commits a one-row write, durably like an append, and records
+// its outcome for Writable: how a store that could not commit finds out it
+// can again without waiting for a client's write.
+func (s *Store) ProbeWrite(ctx context.Context) error {
+	err := s.db.RunInTx(ctx, nil, func(ctx context.Context, tx bun.Tx) error {
+		_, err := tx.NewInsert().Model(&storeProbe{ID: 1, At: time.Now().UTC()}).
+			On("CONFLICT (id) DO UPDATE").Set("at = EXCLUDED.at").Exec(ctx)
+		return err
+	})
+	if ctx.Err() != nil {
+		return ctx.Err() // the caller gave up: that says nothing of the store
+	}
+	if err != nil {
+		err = fmt.Errorf("write probe: %w", err)
+	}
+	s.wrote(err)
+	return err
 }
 
 // OnCommit sets fn to be called with the events of every commit, right after

@@ -10,8 +10,10 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/agentstream/agentstream/model"
@@ -34,6 +36,7 @@ type Server struct {
 	limits     Limits
 	townStrs   *townStreams
 	rate       *rateLimiter
+	lastProbe  atomic.Int64 // UnixNano of readyz's last write probe
 
 	drain    context.Context // cancelled by Drain: every stream ends
 	drainNow context.CancelFunc
@@ -80,6 +83,15 @@ func New(store *model.Store, sched *poll.Scheduler, auth *Auth, opts Options) *S
 	s.drain, s.drainNow = context.WithCancel(context.Background())
 	store.OnCommit(sched.Notify)
 	s.metrics.reg.MustRegister(sched.Metrics.Collectors()...)
+	s.metrics.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "agentstream_store_writable",
+		Help: "1 while the store commits writes, 0 while its last write failed (disk full, read-only filesystem, ...).",
+	}, func() float64 {
+		if store.Writable() != nil {
+			return 0
+		}
+		return 1
+	}))
 	s.handler = s.routes()
 	return s
 }
@@ -195,12 +207,27 @@ func (s *Server) handleHealthz(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }
 
+// handleReadyz answers 200 while the server can take work: the database
+// answers and its last write committed. After a failed write it probes
+// with a write of its own, at most once a second, so that it says ready
+// again as soon as writes work, without waiting for a client's.
 func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
 	if err := s.store.Ping(ctx); err != nil {
 		s.storeFailed(w, r, "ping", err)
 		return
+	}
+	if err := s.store.Writable(); err != nil {
+		now := time.Now().UnixNano()
+		if last := s.lastProbe.Load(); now-last >= int64(time.Second) && s.lastProbe.CompareAndSwap(last, now) {
+			s.store.ProbeWrite(ctx)
+		}
+		if err := s.store.Writable(); err != nil {
+			writeError(w, errorf(http.StatusServiceUnavailable, "store_not_writable",
+				"The store cannot commit writes ("+err.Error()+"); ingest answers 503 until it can."))
+			return
+		}
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
 }
