@@ -176,6 +176,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	readHeader := fs.Duration("read-header-timeout", server.DefaultReadHeaderTimeout, "time a client has to send a request's headers")
 	bodyTimeout := fs.Duration("body-timeout", server.DefaultBodyTimeout, "time a client has to send a request's body")
 	idle := fs.Duration("idle-timeout", server.DefaultIdleTimeout, "time a keep-alive connection may wait for its next request")
+	drainTimeout := fs.Duration("drain-timeout", server.DefaultDrainTimeout, "on SIGTERM or SIGINT, how long in-flight requests and streams get to finish before their connections are closed")
 	idemWindow := fs.Duration("idempotency-window", server.DefaultIdempotencyWindow, "how long ingest remembers an Idempotency-Key (at least 24h)")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -186,8 +187,8 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	if *ingestEventBurst < server.MaxBatch || *ingestByteBurst < server.MaxBodyBytes {
 		return usageError{fmt.Sprintf("--ingest-burst must be at least %d and --ingest-bytes-burst at least %d: a full request must fit", server.MaxBatch, server.MaxBodyBytes)}
 	}
-	if *readHeader <= 0 || *bodyTimeout <= 0 || *idle <= 0 {
-		return usageError{"--read-header-timeout, --body-timeout and --idle-timeout must be positive"}
+	if *readHeader <= 0 || *bodyTimeout <= 0 || *idle <= 0 || *drainTimeout <= 0 {
+		return usageError{"--read-header-timeout, --body-timeout, --idle-timeout and --drain-timeout must be positive"}
 	}
 	if *idemWindow < 24*time.Hour {
 		return usageError{"--idempotency-window must be at least 24h: a client may retry a batch that long after"}
@@ -223,7 +224,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 		WriteTimeout: *writeTimeout, Keepalive: *keepalive, Origins: origins,
 		TLSCert: *tlsCert, TLSKey: *tlsKey,
 		Secret: os.Getenv("AGENTSTREAM_SECRET"), Log: log, Out: stdout,
-		MaxConns: *maxConns, ReadHeaderTimeout: *readHeader, IdleTimeout: *idle, IdempotencyWindow: *idemWindow,
+		MaxConns: *maxConns, ReadHeaderTimeout: *readHeader, IdleTimeout: *idle, IdempotencyWindow: *idemWindow, DrainTimeout: *drainTimeout,
 		Limits: server.Limits{
 			StreamsPerTown: *townStreams, TicketsPerTown: *townTickets, BodyTimeout: *bodyTimeout,
 			IngestEvents: *ingestEvents, IngestEventBurst: *ingestEventBurst,

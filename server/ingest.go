@@ -159,6 +159,14 @@ func jsonKind(goKind string) string {
 
 // handleIngest is POST /api/rigs/{rigId}/agent-events.
 func (s *Server) handleIngest(w http.ResponseWriter, r *http.Request) {
+	if s.isDraining() {
+		// Stop taking work at once; with its Idempotency-Key a client's
+		// retry elsewhere or after the restart is safe.
+		w.Header().Set("Connection", "close")
+		retryAfter(w, time.Second)
+		writeError(w, errShuttingDown)
+		return
+	}
 	c, aerr := s.auth.authenticate(r)
 	if aerr != nil {
 		writeError(w, aerr)

@@ -66,7 +66,10 @@ type Config struct {
 	// pull brought events (default PollInterval/5; see poll.Options).
 	UpstreamBusyInterval time.Duration
 
-	ShutdownTimeout time.Duration  // for in-flight requests; default 10 s
+	// DrainTimeout bounds the stop after ctx ends: in-flight requests and
+	// streams get this long to finish, then their connections are closed
+	// (default DefaultDrainTimeout).
+	DrainTimeout time.Duration
 	Ready           func(net.Addr) // called once listening, with the address
 	Log             *slog.Logger
 	Out             io.Writer // where the dashboard link is printed
@@ -195,27 +198,39 @@ func Serve(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("serve: %w", err)
 	case <-ctx.Done():
 	}
-	log.Info("shutting down")
-	stopBackground()
-	wg.Wait()
-	timeout := cfg.ShutdownTimeout
+	timeout := cfg.DrainTimeout
 	if timeout <= 0 {
-		timeout = 10 * time.Second
+		timeout = DefaultDrainTimeout
 	}
+	log.Info("shutting down", "drain_timeout", timeout)
+	// Stop taking work at once: readiness says no, new streams and posts
+	// are refused, and Shutdown closes the listener (new connections are
+	// refused) and idle connections first thing. In-flight requests and
+	// streams then get the drain timeout to finish.
+	api.BeginDrain()
+	srv.SetKeepAlivesEnabled(false)
 	sctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	// Streams first: Shutdown waits for neither an SSE response that never
-	// ends by itself nor a hijacked WebSocket.
+	shut := make(chan error, 1)
+	go func() { shut <- srv.Shutdown(sctx) }()
+	stopBackground()
+	// Shutdown waits for neither an SSE response that never ends by itself
+	// nor a hijacked connection: Drain ends those.
 	if err := api.Drain(sctx); err != nil {
-		log.Warn("streams still open at shutdown", "err", err)
+		log.Warn("streams still writing at the drain timeout were cut off", "err", err)
 	}
-	if err := srv.Shutdown(sctx); err != nil {
+	if err := <-shut; err != nil {
+		log.Warn("requests still running at the drain timeout were cut off", "err", err)
 		srv.Close()
-		return fmt.Errorf("shutdown: %w", err)
 	}
+	wg.Wait()
 	log.Info("stopped")
 	return nil
 }
+
+// DefaultDrainTimeout is how long a stopping server gives in-flight
+// requests and streams to finish.
+const DefaultDrainTimeout = 10 * time.Second
 
 // newHTTPServer is the http.Server agentstream runs: HTTP/1.1 and HTTP/2 on
 // one port — HTTP/2 by ALPN over TLS, and as cleartext h2c with prior

@@ -40,9 +40,10 @@ type Server struct {
 
 	drain    context.Context // cancelled by Drain: every stream ends
 	drainNow context.CancelFunc
-	mu       sync.Mutex     // orders streams.Add before Drain's Wait
-	draining bool           // guarded by mu
-	streams  sync.WaitGroup // open streams, hijacked WebSockets included
+	mu       sync.Mutex                    // orders streams.Add before Drain's Wait
+	draining atomic.Bool                   // set under mu
+	detached map[transport.Stream]struct{} // streams on taken-over connections; guarded by mu
+	streams  sync.WaitGroup                // open streams, hijacked WebSockets included
 }
 
 // Options tune a Server; zero values are the defaults.
@@ -96,14 +97,26 @@ func New(store *model.Store, sched *poll.Scheduler, auth *Auth, opts Options) *S
 	return s
 }
 
-// Drain ends every open stream — SSE responses end, WebSockets close with
-// 1001 — and waits for them, up to ctx. New streams are refused. Call it
-// before http.Server.Shutdown, which waits for neither kind.
-func (s *Server) Drain(ctx context.Context) error {
+// BeginDrain stops taking work: /readyz answers 503, new streams and new
+// ingest requests are refused with 503 shutting_down, and every open
+// stream is told to end (SSE responses end, WebSockets close with 1001).
+// Requests already being served finish.
+func (s *Server) BeginDrain() {
 	s.mu.Lock()
-	s.draining = true
+	s.draining.Store(true)
 	s.mu.Unlock()
 	s.drainNow()
+}
+
+// Drain is BeginDrain, then a wait for the open streams to end, up to
+// ctx. A stream still writing to a client that reads nothing would hold
+// on for the write timeout; when ctx ends first, the connections of the
+// streams that took theirs over from net/http are closed under them
+// (http.Server.Close does it for the others), and Drain returns ctx's
+// error once they are gone. Call it with http.Server.Shutdown, which
+// waits for neither kind of stream.
+func (s *Server) Drain(ctx context.Context) error {
+	s.BeginDrain()
 	done := make(chan struct{})
 	go func() {
 		s.streams.Wait()
@@ -113,15 +126,46 @@ func (s *Server) Drain(ctx context.Context) error {
 	case <-done:
 		return nil
 	case <-ctx.Done():
-		return ctx.Err()
 	}
+	s.mu.Lock()
+	for st := range s.detached {
+		if a, ok := st.(interface{ Abort() }); ok {
+			a.Abort()
+		}
+	}
+	s.mu.Unlock()
+	// An aborted stream's write fails at once; the wait is only for its
+	// goroutine to finish.
+	select {
+	case <-done:
+	case <-time.After(2 * time.Second):
+	}
+	return ctx.Err()
+}
+
+// isDraining reports whether BeginDrain was called.
+func (s *Server) isDraining() bool { return s.draining.Load() }
+
+// track adds a stream on a taken-over connection to what Drain may abort,
+// or removes it when it has ended.
+func (s *Server) track(st transport.Stream, open bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !open {
+		delete(s.detached, st)
+		return
+	}
+	if s.detached == nil {
+		s.detached = make(map[transport.Stream]struct{})
+	}
+	s.detached[st] = struct{}{}
 }
 
 // enterStream counts a stream in, unless the server is draining.
 func (s *Server) enterStream() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.draining {
+	if s.draining.Load() {
 		return false
 	}
 	s.streams.Add(1)
@@ -214,6 +258,10 @@ func (s *Server) handleHealthz(w http.ResponseWriter, r *http.Request) {
 func (s *Server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
+	if s.isDraining() {
+		writeError(w, errShuttingDown)
+		return
+	}
 	if err := s.store.Ping(ctx); err != nil {
 		s.storeFailed(w, r, "ping", err)
 		return

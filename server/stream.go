@@ -21,6 +21,8 @@ import (
 // TicketTTL is how long a stream ticket may wait to be redeemed.
 const TicketTTL = 60 * time.Second
 
+var errShuttingDown = errorf(http.StatusServiceUnavailable, "shutting_down", "The server is shutting down; retry shortly (here or at another instance).")
+
 var errInvalidTicket = errorf(http.StatusUnauthorized, "invalid_ticket",
 	"The stream ticket is unknown, expired, already used, or for another agent; ask for a new one.")
 
@@ -87,7 +89,8 @@ func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if !s.enterStream() {
-		writeError(w, errorf(http.StatusServiceUnavailable, "shutting_down", "The server is shutting down; reconnect shortly."))
+		retryAfter(w, time.Second)
+		writeError(w, errShuttingDown)
 		return
 	}
 	defer s.streams.Done()
@@ -215,7 +218,9 @@ func (s *Server) detachedStream(w http.ResponseWriter, r *http.Request, key mode
 	}
 	stopOnDrain := context.AfterFunc(s.drain, cancel)
 	s.streams.Add(1) // the handler's own Done follows at once
+	s.track(st, true)
 	p := s.openStream(ctx, st, key, cursor, nil, func() {
+		s.track(st, false)
 		stopOnDrain()
 		cancel()
 		release()

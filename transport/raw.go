@@ -71,6 +71,11 @@ func HijackSSE(w http.ResponseWriter, r *http.Request, opts Options, ndjson bool
 	return s, nil
 }
 
+// Abort closes the connection under the stream, from any goroutine: a
+// write under way fails at once. It is for a server that cannot wait for
+// the write timeout; Close is still called, last.
+func (s *Raw) Abort() { s.end() }
+
 func (s *Raw) end() {
 	s.once.Do(func() {
 		if s.watch != nil {

@@ -301,6 +301,11 @@ func (s *WS) refuse(code ws.StatusCode, text string) {
 	io.Copy(io.Discard, s.conn)
 }
 
+// Abort closes the connection under the stream, from any goroutine: a
+// write under way fails at once. It is for a server that cannot wait for
+// the write timeout; Close is still called, last.
+func (s *WS) Abort() { s.end() }
+
 func (s *WS) end() {
 	s.endOnce.Do(func() {
 		if s.watch != nil {
