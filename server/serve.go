@@ -70,9 +70,9 @@ type Config struct {
 	// streams get this long to finish, then their connections are closed
 	// (default DefaultDrainTimeout).
 	DrainTimeout time.Duration
-	Ready           func(net.Addr) // called once listening, with the address
-	Log             *slog.Logger
-	Out             io.Writer // where the dashboard link is printed
+	Ready        func(net.Addr) // called once listening, with the address
+	Log          *slog.Logger
+	Out          io.Writer // where the dashboard link is printed
 }
 
 // Serve runs the server until ctx ends, then stops accepting, lets in-flight
