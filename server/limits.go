@@ -113,11 +113,14 @@ type bucket struct {
 	at            time.Time
 }
 
-func newRateLimiter(l Limits) *rateLimiter {
+func newRateLimiter(l Limits, now func() time.Time) *rateLimiter {
+	if now == nil {
+		now = time.Now
+	}
 	return &rateLimiter{
 		evRate: l.IngestEvents, evBurst: float64(l.IngestEventBurst),
 		bRate: l.IngestBytes, bBurst: float64(l.IngestByteBurst),
-		now: time.Now, buckets: make(map[townAgentKey]*bucket),
+		now: now, buckets: make(map[townAgentKey]*bucket),
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -211,7 +212,12 @@ func TestSlowRequestsTimedOut(t *testing.T) {
 // stores nothing; another agent is unaffected; agentstream's own client
 // waits as long as Retry-After says and then gets through.
 func TestIngestRateLimit(t *testing.T) {
-	e := newEnvWith(t, Options{Limits: Limits{IngestEvents: 200, IngestEventBurst: 1000}}, model.Options{})
+	// The limiter's clock stands still unless the test moves it: what it
+	// refuses does not depend on how fast this machine runs the test.
+	var clock atomic.Int64
+	clock.Store(time.Now().UnixNano())
+	now := func() time.Time { return time.Unix(0, clock.Load()) }
+	e := newEnvWith(t, Options{Now: now, Limits: Limits{IngestEvents: 1000, IngestEventBurst: 1000}}, model.Options{})
 	e.mustPost(e.agent, steps(1000))
 	before := e.snapshot()
 	code, hdr, v := e.do("POST", "/api/rigs/r1/agent-events", e.agent, "application/json", []byte(steps(100)))
@@ -234,7 +240,10 @@ func TestIngestRateLimit(t *testing.T) {
 
 	var waits []time.Duration
 	ic := &IngestClient{URL: e.base, Token: e.agent, Rig: "r1", HTTP: e.client, RetryFor: time.Minute,
-		OnRetry: func(err error, wait time.Duration) { waits = append(waits, wait) }}
+		OnRetry: func(err error, wait time.Duration) {
+			waits = append(waits, wait)
+			clock.Add(int64(wait)) // the client sleeps that long before it retries
+		}}
 	batch := make([]container.Line, 500)
 	for i := range batch {
 		batch[i] = container.Line{Type: "step", Data: []byte(`{}`)}

@@ -56,6 +56,8 @@ type Options struct {
 	// means a goroutine per stream waits in a read (see transport.Poller).
 	Poller *transport.Poller
 	Limits Limits
+	// Now is the clock of the ingest rate limits; default time.Now.
+	Now func() time.Time
 }
 
 // New returns a Server. It wires the store's commit hook to the scheduler,
@@ -76,7 +78,7 @@ func New(store *model.Store, sched *poll.Scheduler, auth *Auth, opts Options) *S
 		store: store, sched: sched, auth: auth, log: opts.Log, metrics: newMetrics(),
 		limits:     opts.Limits,
 		townStrs:   &townStreams{max: opts.Limits.StreamsPerTown, n: make(map[string]int)},
-		rate:       newRateLimiter(opts.Limits),
+		rate:       newRateLimiter(opts.Limits, opts.Now),
 		streamOpts: transport.Options{WriteTimeout: opts.WriteTimeout, Keepalive: opts.Keepalive, Poller: opts.Poller},
 		origins:    opts.Origins,
 		encoders:   encoders(),
