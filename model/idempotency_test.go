@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -49,7 +50,7 @@ func TestAppendOnce(t *testing.T) {
 	if replayed, err := s.AppendOnce(ctx, retry, Once{Key: "k1", Hash: "h1"}); err != nil || !replayed {
 		t.Fatalf("retry after a restart: replayed %v, %v", replayed, err)
 	}
-	if !equalIDs(idsOf(retry), idsOf(first)) {
+	if !slices.Equal(idsOf(retry), idsOf(first)) {
 		t.Fatalf("retry got ids %v, want %v", idsOf(retry), idsOf(first))
 	}
 	if _, err := s.AppendOnce(ctx, batchOf("a", 3), Once{Key: "k1", Hash: "other"}); !errors.Is(err, ErrKeyReused) {
@@ -85,7 +86,7 @@ func TestAppendOnceConcurrent(t *testing.T) {
 	}
 	wg.Wait()
 	for i := range batches {
-		if errs[i] != nil || !equalIDs(idsOf(batches[i]), idsOf(batches[0])) {
+		if errs[i] != nil || !slices.Equal(idsOf(batches[i]), idsOf(batches[0])) {
 			t.Fatalf("caller %d: ids %v err %v; caller 0 got %v", i, idsOf(batches[i]), errs[i], idsOf(batches[0]))
 		}
 	}
@@ -97,7 +98,7 @@ func TestAppendOnceConcurrent(t *testing.T) {
 func TestRanges(t *testing.T) {
 	for _, ids := range [][]int64{{1}, {1, 2, 3}, {1, 2, 5, 6, 9}} {
 		got, err := parseRanges(formatRanges(ids))
-		if err != nil || !equalIDs(got, ids) {
+		if err != nil || !slices.Equal(got, ids) {
 			t.Fatalf("%v -> %q -> %v %v", ids, formatRanges(ids), got, err)
 		}
 	}

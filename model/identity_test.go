@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -119,10 +120,10 @@ func TestMigrateIdentityFile(t *testing.T) {
 		return out
 	}
 	acme, beta := AgentKey{Town: "acme", Agent: "coder-1"}, AgentKey{Town: "beta", Agent: "coder-1"}
-	if got := ids(acme); !equalIDs(got, []int64{8, 12}) {
+	if got := ids(acme); !slices.Equal(got, []int64{8, 12}) {
 		t.Fatalf("acme/coder-1 ids %v, want [8 12]: no event is lost by the migration", got)
 	}
-	if got := ids(beta); !equalIDs(got, []int64{9, 10, 11}) {
+	if got := ids(beta); !slices.Equal(got, []int64{9, 10, 11}) {
 		t.Fatalf("beta/coder-1 ids %v", got)
 	}
 	// The old mark (7, for the agent id) now stands for both towns: the
@@ -174,21 +175,9 @@ func TestMigrateIdentityFile(t *testing.T) {
 	if err := s.Prune(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if got := ids(acme); !equalIDs(got, []int64{8, 12}) {
+	if got := ids(acme); !slices.Equal(got, []int64{8, 12}) {
 		t.Fatalf("acme/coder-1 ids %v after beta posted 50 with retain 3", got)
 	}
-}
-
-func equalIDs(a, b []int64) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func copyFile(t *testing.T, from, to string) {

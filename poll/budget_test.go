@@ -2,6 +2,7 @@ package poll
 
 import (
 	"context"
+	"slices"
 	"strings"
 	"testing"
 
@@ -71,7 +72,7 @@ func TestStreamByteBudget(t *testing.T) {
 	for len(got) < len(want) {
 		read()
 	}
-	if !slicesEqual(got, want) {
+	if !slices.Equal(got, want) {
 		t.Fatalf("got %d events %v..., want %d in order", len(got), got[:min(5, len(got))], len(want))
 	}
 }
@@ -86,16 +87,4 @@ func (e *env) feedCursor(agent string) int64 {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.cursor
-}
-
-func slicesEqual(a, b []int64) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }

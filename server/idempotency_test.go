@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -119,7 +120,7 @@ func TestIdempotencyKey(t *testing.T) {
 	}
 	before := e.snapshot()
 	code, hdr, again, _ := post("batch-1", steps(3))
-	if code != 201 || !equal(again, first) || hdr.Get("Idempotent-Replayed") != "true" {
+	if code != 201 || !slices.Equal(again, first) || hdr.Get("Idempotent-Replayed") != "true" {
 		t.Fatalf("retry: %d %v %q, want 201 %v replayed", code, again, hdr.Get("Idempotent-Replayed"), first)
 	}
 	if code, _, _, ec := post("batch-1", steps(4)); code != 422 || ec != "idempotency_key_reused" {
@@ -158,23 +159,11 @@ func TestIdempotencyKey(t *testing.T) {
 	}
 	wg.Wait()
 	for i := range got {
-		if !equal(got[i], got[0]) || len(got[i]) != 5 {
+		if !slices.Equal(got[i], got[0]) || len(got[i]) != 5 {
 			t.Fatalf("concurrent duplicates got ids %v and %v", got[0], got[i])
 		}
 	}
 	if rows := e.rows(t, "agent_id = 'a1'"); rows != 8 {
 		t.Fatalf("a1 holds %d events; want 3 + one batch of 5", rows)
 	}
-}
-
-func equal(a, b []int64) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }

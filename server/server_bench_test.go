@@ -31,21 +31,7 @@ func BenchmarkPostSingle(b *testing.B) {
 			tr := &http.Transport{MaxIdleConnsPerHost: 256}
 			defer tr.CloseIdleConnections()
 			client := &http.Client{Transport: tr}
-			post := func() {
-				req, _ := http.NewRequest("POST", e.base+"/api/rigs/r1/agent-events", bytes.NewReader(body))
-				req.Header.Set("Authorization", "Bearer "+e.agent)
-				req.Header.Set("Content-Type", "application/json")
-				resp, err := client.Do(req)
-				if err != nil {
-					b.Error(err)
-					return
-				}
-				io.Copy(io.Discard, resp.Body)
-				resp.Body.Close()
-				if resp.StatusCode != 201 {
-					b.Errorf("status %d", resp.StatusCode)
-				}
-			}
+			post := func() { benchPost(b, client, e, body, "") }
 			b.ResetTimer()
 			if par == 0 {
 				for b.Loop() {
@@ -85,25 +71,35 @@ func BenchmarkPostBatchKeyed(b *testing.B) {
 			b.ResetTimer()
 			b.RunParallel(func(pb *testing.PB) {
 				for pb.Next() {
-					req, _ := http.NewRequest("POST", e.base+"/api/rigs/r1/agent-events", bytes.NewReader(body))
-					req.Header.Set("Authorization", "Bearer "+e.agent)
-					req.Header.Set("Content-Type", "application/json")
+					key := ""
 					if keyed {
-						req.Header.Set("Idempotency-Key", fmt.Sprint("k-", n.Add(1)))
+						key = fmt.Sprint("k-", n.Add(1))
 					}
-					resp, err := client.Do(req)
-					if err != nil {
-						b.Error(err)
-						return
-					}
-					io.Copy(io.Discard, resp.Body)
-					resp.Body.Close()
-					if resp.StatusCode != 201 {
-						b.Errorf("status %d", resp.StatusCode)
-					}
+					benchPost(b, client, e, body, key)
 				}
 			})
 			b.ReportMetric(float64(b.N*len(evs))/b.Elapsed().Seconds(), "events/s")
 		})
+	}
+}
+
+// benchPost posts body as agent a1 of the env, with an Idempotency-Key
+// unless key is empty, and expects a 201.
+func benchPost(b *testing.B, client *http.Client, e *testEnv, body []byte, key string) {
+	req, _ := http.NewRequest("POST", e.base+"/api/rigs/r1/agent-events", bytes.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+e.agent)
+	req.Header.Set("Content-Type", "application/json")
+	if key != "" {
+		req.Header.Set("Idempotency-Key", key)
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		b.Error(err)
+		return
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 201 {
+		b.Errorf("status %d", resp.StatusCode)
 	}
 }
