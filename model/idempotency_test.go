@@ -3,7 +3,6 @@ package model
 import (
 	"context"
 	"errors"
-	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
@@ -31,7 +30,7 @@ func idsOf(evs []Event) []int64 {
 // refused; the same key of another agent or town is another key.
 func TestAppendOnce(t *testing.T) {
 	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "a.db")
+	path := tempDSN(t)
 	s, err := Open(ctx, path, Options{})
 	if err != nil {
 		t.Fatal(err)

@@ -99,6 +99,7 @@ func TestAgentBoundToFirstRig(t *testing.T) {
 // pruned acme's coder-1 (retain 5, one mark for the agent id), and rig-2
 // of acme posted as acme's coder-1 (id 12).
 func TestMigrateIdentityFile(t *testing.T) {
+	onlySQLite(t)
 	ctx := context.Background()
 	path := filepath.Join(t.TempDir(), "old.db")
 	copyFile(t, "../testdata/migrate/v20261125000004.db", path)

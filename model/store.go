@@ -8,8 +8,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -17,11 +15,6 @@ import (
 	"time"
 
 	"github.com/uptrace/bun"
-	"github.com/uptrace/bun/dialect/sqlitedialect"
-
-	// modernc.org/sqlite is SQLite compiled to pure Go: the binary needs no
-	// cgo and no system library, so `go run .` works on a bare machine.
-	_ "modernc.org/sqlite"
 )
 
 // DefaultRetain is how many events per agent the store keeps by default.
@@ -56,9 +49,10 @@ type Options struct {
 // throughput grows with load. SQLite takes one writer at a time anyway; a
 // single writer also means no SQLITE_BUSY between our own writes.
 type Store struct {
-	db   *bun.DB
-	opts Options
-	log  *slog.Logger
+	db      *bun.DB
+	dialect dialect
+	opts    Options
+	log     *slog.Logger
 
 	onCommit atomic.Pointer[func([]Event)]
 	// writeErr is the error of the last commit, or of the last write
@@ -102,56 +96,42 @@ type townAgent struct{ town, agent string }
 const maxRigCache = 100_000
 
 // Open opens (creating it if needed) the database named by dsn and brings its
-// schema up to date. dsn is "sqlite:PATH", or a bare PATH.
-//
-// SQLite runs in WAL mode with synchronous=FULL: a commit is fsynced to the
-// WAL before Append returns, so an acknowledged event survives kill -9 of the
-// process and also power loss. Group commit is what keeps that affordable.
+// schema up to date. dsn is "sqlite:PATH" or a bare PATH (the embedded
+// default, sqlite.go), or a "postgres://" URL (for several instances on one
+// database, postgres.go). What differs between the two is in those files.
 func Open(ctx context.Context, dsn string, opts Options) (*Store, error) {
-	path, ok := strings.CutPrefix(dsn, "sqlite:")
-	if !ok && strings.Contains(dsn, "://") {
-		return nil, fmt.Errorf("open %q: only sqlite databases are supported by this build", redact(dsn))
+	var (
+		db  *bun.DB
+		d   dialect
+		err error
+	)
+	switch {
+	case strings.HasPrefix(dsn, "postgres://"), strings.HasPrefix(dsn, "postgresql://"):
+		db, d, err = openPostgres(ctx, dsn)
+	case strings.Contains(dsn, "://"):
+		return nil, fmt.Errorf("open %q: the database must be sqlite:PATH or postgres://...", redact(dsn))
+	default:
+		db, d, err = openSQLite(ctx, strings.TrimPrefix(dsn, "sqlite:"))
 	}
-	if path == "" {
-		return nil, errors.New("open: empty sqlite path")
-	}
-	if dir := filepath.Dir(path); dir != "" {
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return nil, fmt.Errorf("open: %w", err)
-		}
-	}
-	// The file is made here, private, rather than by SQLite with the
-	// umask's mode: events may hold anything an agent printed. SQLite
-	// gives its WAL and shared-memory files the database file's mode.
-	if f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600); err != nil {
-		return nil, fmt.Errorf("open %s: %w", path, err)
-	} else {
-		f.Close()
-	}
-	q := url.Values{}
-	q.Add("_pragma", "journal_mode(WAL)")
-	q.Add("_pragma", "synchronous(FULL)")
-	q.Add("_pragma", "busy_timeout(10000)")
-	// BEGIN IMMEDIATE takes the write lock up front, so two writers (another
-	// process on the same file) wait for each other instead of failing on a
-	// lock upgrade.
-	q.Set("_txlock", "immediate")
-	sqldb, err := sql.Open("sqlite", "file:"+path+"?"+q.Encode())
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", path, err)
-	}
-	sqldb.SetMaxOpenConns(8)
-	sqldb.SetMaxIdleConns(8)
-	db := bun.NewDB(sqldb, sqlitedialect.New())
-	if err := db.PingContext(ctx); err != nil {
-		db.Close()
-		return nil, fmt.Errorf("open %s: %w", path, err)
+		return nil, err
 	}
 	if err := runMigrations(ctx, db); err != nil {
 		db.Close()
-		return nil, fmt.Errorf("open %s: %w", path, err)
+		return nil, fmt.Errorf("open: %w", err)
 	}
-	return newStore(db, opts), nil
+	s := newStore(db, opts)
+	s.dialect = d
+	return s, nil
+}
+
+// dialect is what the store does differently on each database.
+type dialect interface {
+	// lockTowns is called in a group commit's transaction before any id
+	// is drawn. It makes the towns' ids commit in id order: a reader of
+	// "id > cursor" must never see an id before a smaller one of the same
+	// town commits.
+	lockTowns(ctx context.Context, tx bun.Tx, towns []string) error
 }
 
 func newStore(db *bun.DB, opts Options) *Store {
@@ -305,6 +285,9 @@ func (s *Store) commit(group []*appendReq) (map[townAgent]string, error) {
 		for _, r := range group {
 			r.err, r.replayed, r.leader = nil, false, nil
 		}
+		if err := s.dialect.lockTowns(ctx, tx, groupTowns(group)); err != nil {
+			return err
+		}
 		if err := checkKeys(ctx, tx, group); err != nil {
 			return err
 		}
@@ -342,6 +325,21 @@ func (s *Store) commit(group []*appendReq) (map[townAgent]string, error) {
 		return nil
 	})
 	return bound, err
+}
+
+// groupTowns lists the towns of a group's events, sorted: locks taken in
+// one order by every writer cannot deadlock.
+func groupTowns(group []*appendReq) []string {
+	var towns []string
+	for _, r := range group {
+		for i := range r.events {
+			if t := r.events[i].TownID; !slices.Contains(towns, t) {
+				towns = append(towns, t)
+			}
+		}
+	}
+	slices.Sort(towns)
+	return towns
 }
 
 // bindRigs checks every event's rig against its agent's binding, in the

@@ -4,14 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"path/filepath"
 	"sync"
 	"testing"
 )
 
 func openTemp(t testing.TB, opts Options) *Store {
 	t.Helper()
-	s, err := Open(context.Background(), filepath.Join(t.TempDir(), "agentstream.db"), opts)
+	s, err := Open(context.Background(), tempDSN(t), opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -158,8 +157,7 @@ func TestConcurrentAppendsAndPruning(t *testing.T) {
 
 func TestIDsNeverReusedAfterPruningEverything(t *testing.T) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	path := filepath.Join(dir, "agentstream.db")
+	path := tempDSN(t)
 	s, err := Open(ctx, path, Options{Retain: 1})
 	if err != nil {
 		t.Fatal(err)

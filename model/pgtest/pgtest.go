@@ -1,0 +1,202 @@
+// Package pgtest runs a throwaway PostgreSQL cluster for tests: initdb into
+// a temporary directory, then postgres on a free loopback port with its
+// socket in that directory, and a fresh database for each test.
+//
+// PostgreSQL refuses to run as root. When the tests run as root (as CI
+// does), the cluster runs as the "postgres" user that Debian's package
+// creates, through runuser.
+package pgtest
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	_ "github.com/jackc/pgx/v5/stdlib" // database/sql driver "pgx"
+)
+
+// ErrNoPostgres is Start's error when no PostgreSQL server binaries are
+// installed.
+var ErrNoPostgres = errors.New("pgtest: no PostgreSQL server found (apt-get install postgresql)")
+
+// Cluster is a running PostgreSQL server of the tests' own.
+type Cluster struct {
+	dir  string // holds the data directory and the socket
+	port int
+	cmd  *exec.Cmd
+	done chan struct{}
+	seq  atomic.Int64
+}
+
+// binDir finds the server binaries: Debian keeps them out of PATH, in
+// /usr/lib/postgresql/VERSION/bin.
+func binDir() (string, error) {
+	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
+	sort.Strings(dirs)
+	for i := len(dirs) - 1; i >= 0; i-- {
+		if _, err := os.Stat(filepath.Join(dirs[i], "postgres")); err == nil {
+			return dirs[i], nil
+		}
+	}
+	if p, err := exec.LookPath("postgres"); err == nil {
+		return filepath.Dir(p), nil
+	}
+	return "", ErrNoPostgres
+}
+
+// Start initializes and starts a cluster. Stop it with Stop.
+func Start() (*Cluster, error) {
+	bin, err := binDir()
+	if err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp("", "agentstream-pg-")
+	if err != nil {
+		return nil, err
+	}
+	data := filepath.Join(dir, "data")
+	var asUser []string
+	if os.Geteuid() == 0 {
+		u, err := user.Lookup("postgres")
+		if err != nil {
+			os.RemoveAll(dir)
+			return nil, fmt.Errorf("pgtest: running as root needs the postgres user: %w", err)
+		}
+		uid, _ := strconv.Atoi(u.Uid)
+		gid, _ := strconv.Atoi(u.Gid)
+		if err := os.Chmod(dir, 0o755); err != nil {
+			return nil, err
+		}
+		if err := os.Mkdir(data, 0o700); err != nil {
+			return nil, err
+		}
+		if err := os.Chown(data, uid, gid); err != nil {
+			return nil, err
+		}
+		if err := os.Chown(dir, uid, gid); err != nil {
+			return nil, err
+		}
+		asUser = []string{"runuser", "-u", "postgres", "--"}
+	}
+	command := func(name string, args ...string) *exec.Cmd {
+		argv := append(append(append([]string(nil), asUser...), filepath.Join(bin, name)), args...)
+		return exec.Command(argv[0], argv[1:]...)
+	}
+	out, err := command("initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync").CombinedOutput()
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("pgtest: initdb: %w: %s", err, out)
+	}
+	port, err := freePort()
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	c := &Cluster{dir: dir, port: port, done: make(chan struct{})}
+	// Durability is not under test here: the server's own crash safety
+	// holds without fsync as long as the machine does not crash.
+	c.cmd = command("postgres", "-D", data, "-p", strconv.Itoa(port), "-k", dir,
+		"-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+		"-c", "full_page_writes=off", "-c", "max_connections=300")
+	c.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	logf, err := os.Create(filepath.Join(dir, "postgres.log"))
+	if err == nil {
+		c.cmd.Stdout, c.cmd.Stderr = logf, logf
+	}
+	if err := c.cmd.Start(); err != nil {
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("pgtest: postgres: %w", err)
+	}
+	go func() { c.cmd.Wait(); close(c.done) }()
+	if err := c.waitReady(60 * time.Second); err != nil {
+		c.Stop()
+		return nil, err
+	}
+	return c, nil
+}
+
+func (c *Cluster) waitReady(limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for {
+		db, err := sql.Open("pgx", c.DSN("postgres"))
+		if err == nil {
+			err = db.Ping()
+			db.Close()
+		}
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-c.done:
+			log, _ := os.ReadFile(filepath.Join(c.dir, "postgres.log"))
+			return fmt.Errorf("pgtest: postgres exited: %s", log)
+		default:
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("pgtest: postgres not ready after %s: %w", limit, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// DSN is the URL of database name on the cluster.
+func (c *Cluster) DSN(name string) string {
+	return fmt.Sprintf("postgres://postgres@127.0.0.1:%d/%s?sslmode=disable", c.port, name)
+}
+
+// NewDatabase creates an empty database and returns its URL.
+func (c *Cluster) NewDatabase(ctx context.Context) (string, error) {
+	name := fmt.Sprintf("test_%d_%d", os.Getpid(), c.seq.Add(1))
+	db, err := sql.Open("pgx", c.DSN("postgres"))
+	if err != nil {
+		return "", err
+	}
+	defer db.Close()
+	if _, err := db.ExecContext(ctx, "CREATE DATABASE "+name); err != nil {
+		return "", fmt.Errorf("pgtest: create database: %w", err)
+	}
+	return c.DSN(name), nil
+}
+
+// Stop ends the server and removes its files.
+func (c *Cluster) Stop() {
+	if c.cmd.Process != nil {
+		// SIGQUIT: immediate shutdown; the cluster is thrown away.
+		syscall.Kill(-c.cmd.Process.Pid, syscall.SIGQUIT)
+		select {
+		case <-c.done:
+		case <-time.After(10 * time.Second):
+			syscall.Kill(-c.cmd.Process.Pid, syscall.SIGKILL)
+			<-c.done
+		}
+	}
+	os.RemoveAll(c.dir)
+}
+
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// Skip reports how a test should treat a cluster that could not start: in
+// CI (CI=true) that is a failure, elsewhere a skip with the reason.
+func Skip(err error) (fail bool, msg string) {
+	msg = "PostgreSQL tests: " + err.Error()
+	return strings.EqualFold(os.Getenv("CI"), "true"), msg
+}

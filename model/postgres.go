@@ -1,0 +1,49 @@
+package model
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+
+	"github.com/uptrace/bun"
+	"github.com/uptrace/bun/dialect/pgdialect"
+
+	// pgx through database/sql: the most used and best kept PostgreSQL
+	// driver for Go; bun's own pgdriver trails bun's releases.
+	_ "github.com/jackc/pgx/v5/stdlib"
+)
+
+// postgresDialect is for several instances on one PostgreSQL database.
+type postgresDialect struct{}
+
+// lockTowns takes a transaction-scoped advisory lock per town before the
+// group's ids are drawn. Ids come from a sequence, and transactions may
+// commit out of the order they drew ids in: a reader of "id > cursor"
+// could then move past an id that commits a moment later, and never see
+// it. Under the lock, a town's next ids are drawn only after the last
+// holder has committed, so each town's ids commit in id order — one order
+// per town, which the town stream needs too.
+func (postgresDialect) lockTowns(ctx context.Context, tx bun.Tx, towns []string) error {
+	for _, t := range towns {
+		if _, err := tx.ExecContext(ctx, "SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", t); err != nil {
+			return fmt.Errorf("lock town %s: %w", t, err)
+		}
+	}
+	return nil
+}
+
+// openPostgres opens a PostgreSQL database by URL.
+func openPostgres(ctx context.Context, dsn string) (*bun.DB, dialect, error) {
+	sqldb, err := sql.Open("pgx", dsn)
+	if err != nil {
+		return nil, nil, fmt.Errorf("open %s: %w", redact(dsn), err)
+	}
+	sqldb.SetMaxOpenConns(16)
+	sqldb.SetMaxIdleConns(16)
+	db := bun.NewDB(sqldb, pgdialect.New())
+	if err := db.PingContext(ctx); err != nil {
+		db.Close()
+		return nil, nil, fmt.Errorf("open %s: %w", redact(dsn), err)
+	}
+	return db, postgresDialect{}, nil
+}
