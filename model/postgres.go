@@ -14,7 +14,9 @@ import (
 )
 
 // postgresDialect is for several instances on one PostgreSQL database.
-type postgresDialect struct{}
+type postgresDialect struct {
+	dsn string // for the LISTEN connection, which is not the pool's
+}
 
 // lockTowns takes a transaction-scoped advisory lock per town before the
 // group's ids are drawn. Ids come from a sequence, and transactions may
@@ -45,5 +47,5 @@ func openPostgres(ctx context.Context, dsn string) (*bun.DB, dialect, error) {
 		db.Close()
 		return nil, nil, fmt.Errorf("open %s: %w", redact(dsn), err)
 	}
-	return db, postgresDialect{}, nil
+	return db, postgresDialect{dsn: dsn}, nil
 }

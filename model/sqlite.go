@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -23,6 +24,13 @@ type sqliteDialect struct{}
 // lockTowns does nothing: BEGIN IMMEDIATE already holds the database's one
 // write lock, so transactions commit one at a time, in id order.
 func (sqliteDialect) lockTowns(context.Context, bun.Tx, []string) error { return nil }
+
+// notify does nothing: the one process that writes tells its own feeds.
+func (sqliteDialect) notify(context.Context, bun.Tx, []AgentKey) error { return nil }
+
+func (sqliteDialect) listen(context.Context, *slog.Logger, func([]AgentKey)) error {
+	return ErrNoListen
+}
 
 // openSQLite opens the SQLite file at path, creating it if need be.
 //

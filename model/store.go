@@ -132,6 +132,25 @@ type dialect interface {
 	// "id > cursor" must never see an id before a smaller one of the same
 	// town commits.
 	lockTowns(ctx context.Context, tx bun.Tx, towns []string) error
+	// notify tells other instances, at the commit of tx, which agents got
+	// events: one notification for the whole group.
+	notify(ctx context.Context, tx bun.Tx, agents []AgentKey) error
+	// listen calls fn with the agents other instances' commits name, until
+	// ctx ends; fn(nil) means "any agent": notifications may have been
+	// missed. It returns ErrNoListen where the database has no such thing.
+	listen(ctx context.Context, log *slog.Logger, fn func([]AgentKey)) error
+}
+
+// ErrNoListen is Listen's error on a database that needs none: SQLite has
+// one writer process, whose own commits reach its feeds directly.
+var ErrNoListen = errors.New("this database has no LISTEN: other writers are seen by polling")
+
+// Listen hears other instances' commits on a shared database and calls fn
+// with the agents they wrote to (fn(nil): any agent), until ctx ends. The
+// connection it listens on is re-established, with backoff, after it
+// drops; meanwhile feeds still poll. On SQLite it returns ErrNoListen.
+func (s *Store) Listen(ctx context.Context, fn func([]AgentKey)) error {
+	return s.dialect.listen(ctx, s.log, fn)
 }
 
 func newStore(db *bun.DB, opts Options) *Store {
@@ -310,6 +329,9 @@ func (s *Store) commit(group []*appendReq) (map[townAgent]string, error) {
 				}
 			}
 		}
+		if err := s.dialect.notify(ctx, tx, groupAgents(group)); err != nil {
+			return err
+		}
 		// A request that repeated an earlier one's key in this group gets
 		// that one's ids, or its refusal.
 		for _, r := range group {
@@ -325,6 +347,23 @@ func (s *Store) commit(group []*appendReq) (map[townAgent]string, error) {
 		return nil
 	})
 	return bound, err
+}
+
+// groupAgents lists the agents a group stores events for.
+func groupAgents(group []*appendReq) []AgentKey {
+	var keys []AgentKey
+	for _, r := range group {
+		if !r.stored() {
+			continue
+		}
+		for i := range r.events {
+			k := AgentKey{Town: r.events[i].TownID, Agent: r.events[i].AgentID}
+			if !slices.Contains(keys, k) {
+				keys = append(keys, k)
+			}
+		}
+	}
+	return keys
 }
 
 // groupTowns lists the towns of a group's events, sorted: locks taken in

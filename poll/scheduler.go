@@ -156,6 +156,25 @@ func (s *Scheduler) Notify(events []model.Event) {
 	}
 }
 
+// NotifyKeys tells the feeds of these agents to poll now; nil means every
+// feed. It is for commits made elsewhere (another instance on a shared
+// database, heard through model.Store.Listen). It never blocks.
+func (s *Scheduler) NotifyKeys(keys []model.AgentKey) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if keys == nil {
+		for _, f := range s.feeds {
+			f.poke()
+		}
+		return
+	}
+	for _, k := range keys {
+		if f := s.feeds[feedKey(k)]; f != nil {
+			f.poke()
+		}
+	}
+}
+
 // PullNow tells k's feed, if it runs, to pull its Upstream now rather than
 // at its next interval: for an upstream that has said it holds new events.
 // It never blocks.

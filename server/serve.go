@@ -169,6 +169,13 @@ func Serve(ctx context.Context, cfg Config) error {
 		window = DefaultIdempotencyWindow
 	}
 	wg.Go(func() { sweep(bgCtx, store, window, log) })
+	// On a shared database, other instances' commits wake the feeds at
+	// once; without it (or while it is down) they are seen on the poll.
+	wg.Go(func() {
+		if err := store.Listen(bgCtx, sched.NotifyKeys); err != nil && !errors.Is(err, model.ErrNoListen) && bgCtx.Err() == nil {
+			log.Error("listen", "err", err)
+		}
+	})
 	if relay != nil {
 		// New agents are listed as often as busy ones are pulled, so that a
 		// fast agent's first pull comes before its ring wraps.
