@@ -167,3 +167,20 @@ func TestIdempotencyKey(t *testing.T) {
 		t.Fatalf("a1 holds %d events; want 3 + one batch of 5", rows)
 	}
 }
+
+// doKeyed posts body as a1 with an Idempotency-Key.
+func (e *testEnv) doKeyed(key, body string) (int, http.Header, map[string]any) {
+	e.t.Helper()
+	req, _ := http.NewRequest("POST", e.base+"/api/rigs/r1/agent-events", strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+e.agent)
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Idempotency-Key", key)
+	resp, err := e.client.Do(req)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var v map[string]any
+	jsonDecode(resp.Body, &v)
+	return resp.StatusCode, resp.Header, v
+}

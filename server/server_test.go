@@ -55,7 +55,16 @@ func newEnvWith(t testing.TB, opts Options, sopts model.Options) *testEnv {
 // goroutine of its own (the fallback on systems without epoll, and on TLS).
 func newEnvNoPoller(t testing.TB, opts Options, sopts model.Options) *testEnv {
 	t.Helper()
-	store, err := model.Open(context.Background(), filepath.Join(t.TempDir(), "agentstream.db"), sopts)
+	return newEnvOn(t, filepath.Join(t.TempDir(), "agentstream.db"), opts, sopts, poll.Options{})
+}
+
+// newEnvOn is a server on the database dsn (a SQLite path, or a
+// PostgreSQL URL that other envs may share, as instances do), listening
+// for other instances' commits as serve does. Every env signs with the
+// same secret, so any env's tokens and tickets work on every other.
+func newEnvOn(t testing.TB, dsn string, opts Options, sopts model.Options, popts poll.Options) *testEnv {
+	t.Helper()
+	store, err := model.Open(context.Background(), dsn, sopts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -63,7 +72,13 @@ func newEnvNoPoller(t testing.TB, opts Options, sopts model.Options) *testEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sched := poll.New(store, poll.Options{})
+	sched := poll.New(store, popts)
+	lctx, stopListen := context.WithCancel(context.Background())
+	listening := make(chan struct{})
+	go func() {
+		defer close(listening)
+		store.Listen(lctx, sched.NotifyKeys)
+	}()
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
 	}
@@ -81,6 +96,8 @@ func newEnvNoPoller(t testing.TB, opts Options, sopts model.Options) *testEnv {
 		api.Drain(ctx)
 		hs.Close()
 		tr.CloseIdleConnections()
+		stopListen()
+		<-listening
 		sched.Close()
 		store.Close()
 	})

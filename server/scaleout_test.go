@@ -1,0 +1,109 @@
+package server
+
+import (
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/agentstream/agentstream/model"
+	"github.com/agentstream/agentstream/poll"
+)
+
+// twoInstances is two servers on one PostgreSQL database. Their feeds poll
+// once an hour: what one instance's commits bring to the other's streams
+// comes through LISTEN/NOTIFY.
+func twoInstances(t *testing.T) (a, b *testEnv) {
+	dsn := pgDSN(t)
+	popts := poll.Options{Interval: time.Hour}
+	return newEnvOn(t, dsn, Options{}, model.Options{}, popts), newEnvOn(t, dsn, Options{}, model.Options{}, popts)
+}
+
+// TestCrossInstanceDelivery: events posted to instance A reach streams open
+// on instance B at once, on every transport, and the other way round.
+func TestCrossInstanceDelivery(t *testing.T) {
+	a, b := twoInstances(t)
+	for _, kind := range []string{"sse-h1", "sse-h2c", "ws", "ndjson"} {
+		t.Run(kind, func(t *testing.T) {
+			last := a.mustPost(a.agent, `{"type":"session.created"}`)[0]
+			onB, code := b.open(kind, "a1", last)
+			if onB == nil {
+				t.Fatalf("open on B: %d", code)
+			}
+			defer onB.Close()
+			onA, code := a.open(kind, "a1", last)
+			if onA == nil {
+				t.Fatalf("open on A: %d", code)
+			}
+			defer onA.Close()
+			fromA := a.mustPost(a.agent, steps(3))
+			fromB := b.mustPost(b.agent, steps(2))
+			want := append(fromA, fromB...)
+			for name, c := range map[string]streamClient{"B": onB, "A": onA} {
+				if got := readN(t, c, 5); !slices.Equal(got, want) {
+					t.Fatalf("stream on %s got %v, want %v", name, got, want)
+				}
+			}
+		})
+	}
+}
+
+// TestTicketAcrossInstances: a ticket minted on A redeems on B, and of
+// two redeems at once, one on each instance, exactly one opens a stream.
+func TestTicketAcrossInstances(t *testing.T) {
+	a, b := twoInstances(t)
+	a.mustPost(a.agent, steps(1))
+	for range 5 {
+		path := a.ticket("a1")
+		codes := make([]int, 2)
+		var wg sync.WaitGroup
+		for i, e := range []*testEnv{a, b} {
+			wg.Go(func() {
+				c, code := e.openPath("sse-h1", path, 0, nil)
+				if c != nil {
+					c.Close()
+				}
+				codes[i] = code
+			})
+		}
+		wg.Wait()
+		slices.Sort(codes)
+		if codes[0] != 200 || codes[1] != 401 {
+			t.Fatalf("one ticket redeemed on both instances at once: %v, want one 200 and one 401", codes)
+		}
+	}
+	if c, code := b.openPath("sse-h1", a.ticket("a1"), 0, nil); c == nil {
+		t.Fatalf("a ticket of A on B: %d", code)
+	} else {
+		c.Close()
+	}
+}
+
+// TestResumeOnOtherInstance: a client that read part of a stream on A and
+// reconnects to B with its last id gets the rest exactly once; an
+// Idempotency-Key used on A replays on B.
+func TestResumeOnOtherInstance(t *testing.T) {
+	a, b := twoInstances(t)
+	ids := a.mustPost(a.agent, steps(10))
+	c, _ := a.open("sse-h1", "a1", 0)
+	got := readN(t, c, 4)
+	c.Close()
+	more := b.mustPost(b.agent, steps(3))
+	c, _ = b.open("sse-h1", "a1", got[len(got)-1])
+	defer c.Close()
+	got = append(got, readN(t, c, 9)...)
+	if want := append(ids, more...); !slices.Equal(got, want) {
+		t.Fatalf("across the reconnect: %v, want %v", got, want)
+	}
+
+	post := func(e *testEnv) (int, []any) {
+		code, _, v := e.doKeyed("batch-1", steps(2))
+		ids, _ := v["ids"].([]any)
+		return code, ids
+	}
+	c1, first := post(a)
+	c2, again := post(b)
+	if c1 != 201 || c2 != 201 || !slices.Equal(first, again) {
+		t.Fatalf("a key used on A, retried on B: %d %v, %d %v", c1, first, c2, again)
+	}
+}
