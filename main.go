@@ -166,6 +166,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	upRig := fs.String("upstream-rig", "", "rig the upstream container's agents belong to")
 	upBusy := fs.Duration("upstream-busy-interval", 100*time.Millisecond, "time between pulls of an upstream agent whose last pull brought events (at most --poll-interval)")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
+	secretFile := fs.String("secret-file", "", "file holding the signing secret, for several servers on one database that must share it (instead of --data's)")
 	maxConns := fs.Int("max-conns", 0, fmt.Sprintf("most connections open at once; past it one is refused at once (default: the open-file limit less %d)", server.ConnReserve))
 	townStreams := fs.Int("max-streams-per-town", server.DefaultStreamsPerTown, "most streams one town may hold open, HTTP/2 streams included; past it 429")
 	townTickets := fs.Int("max-tickets-per-town", server.DefaultTicketsPerTown, "most unredeemed stream tickets one town may hold; past it 429")
@@ -186,6 +187,9 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	}
 	if *ingestEventBurst < server.MaxBatch || *ingestByteBurst < server.MaxBodyBytes {
 		return usageError{fmt.Sprintf("--ingest-burst must be at least %d and --ingest-bytes-burst at least %d: a full request must fit", server.MaxBatch, server.MaxBodyBytes)}
+	}
+	if *secretFile != "" && os.Getenv("AGENTSTREAM_SECRET") != "" {
+		return usageError{"give the secret once: AGENTSTREAM_SECRET or --secret-file, not both"}
 	}
 	if *readHeader <= 0 || *bodyTimeout <= 0 || *idle <= 0 || *drainTimeout <= 0 {
 		return usageError{"--read-header-timeout, --body-timeout, --idle-timeout and --drain-timeout must be positive"}
@@ -223,7 +227,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 		Addr:                 *addr, DataDir: *data, DB: *db, Retain: *retain, PollInterval: *pollEvery,
 		WriteTimeout: *writeTimeout, Keepalive: *keepalive, Origins: origins,
 		TLSCert: *tlsCert, TLSKey: *tlsKey,
-		Secret: os.Getenv("AGENTSTREAM_SECRET"), Log: log, Out: stdout,
+		Secret: os.Getenv("AGENTSTREAM_SECRET"), SecretFile: *secretFile, Log: log, Out: stdout,
 		MaxConns: *maxConns, ReadHeaderTimeout: *readHeader, IdleTimeout: *idle, IdempotencyWindow: *idemWindow, DrainTimeout: *drainTimeout,
 		Limits: server.Limits{
 			StreamsPerTown: *townStreams, TicketsPerTown: *townTickets, BodyTimeout: *bodyTimeout,
@@ -337,6 +341,7 @@ func cmdToken(args []string, stdout, stderr io.Writer) error {
 	agent := fs.String("agent", "", "agent id, the token's subject (agent tokens)")
 	ttl := fs.Duration("ttl", 24*time.Hour, "token lifetime")
 	data := fs.String("data", "./agentstream-data", "data directory holding the server's secret")
+	secretFile := fs.String("secret-file", "", "file holding the signing secret shared by several servers (instead of --data's)")
 	if err := parse(fs, args[1:]); err != nil {
 		return err
 	}
@@ -349,7 +354,7 @@ func cmdToken(args []string, stdout, stderr io.Writer) error {
 	if *ttl <= 0 {
 		return usageError{"--ttl must be positive"}
 	}
-	auth, err := loadAuth(*data)
+	auth, err := loadAuthFrom(*data, *secretFile)
 	if err != nil {
 		return err
 	}
@@ -368,8 +373,22 @@ func cmdToken(args []string, stdout, stderr io.Writer) error {
 
 // loadAuth is the server's token authority from AGENTSTREAM_SECRET or the
 // secret in data (generated there on first use).
-func loadAuth(data string) (*server.Auth, error) {
-	secret, err := server.LoadSecret(os.Getenv("AGENTSTREAM_SECRET"), data)
+func loadAuth(data string) (*server.Auth, error) { return loadAuthFrom(data, "") }
+
+// loadAuthFrom is loadAuth where the secret may also be in a file of its
+// own (--secret-file): then no data directory is read or made.
+func loadAuthFrom(data, secretFile string) (*server.Auth, error) {
+	env := os.Getenv("AGENTSTREAM_SECRET")
+	var secret []byte
+	var err error
+	switch {
+	case env != "" && secretFile != "":
+		return nil, usageError{"give the secret once: AGENTSTREAM_SECRET or --secret-file, not both"}
+	case secretFile != "":
+		secret, err = server.ReadSecretFile(secretFile)
+	default:
+		secret, err = server.LoadSecret(env, data)
+	}
 	if err != nil {
 		return nil, err
 	}

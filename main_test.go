@@ -422,3 +422,48 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// TestSecretFile: instances that share a database share a signing secret
+// through --secret-file: token mints with it without any data directory,
+// and a server started with it accepts the token. A short file, or the
+// secret given twice, is refused.
+func TestSecretFile(t *testing.T) {
+	bin := buildBinary(t)
+	dir := t.TempDir()
+	secret := filepath.Join(dir, "secret")
+	if err := os.WriteFile(secret, []byte(strings.Repeat("f", 40)+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cwd := t.TempDir()
+	tok := exec.Command(bin, "token", "viewer", "--town", "t", "--secret-file", secret)
+	tok.Env, tok.Dir = cleanEnv(), cwd
+	out, err := tok.Output()
+	if err != nil {
+		t.Fatalf("token --secret-file: %v", err)
+	}
+	if entries, _ := os.ReadDir(cwd); len(entries) != 0 {
+		t.Fatalf("token --secret-file made %v", entries)
+	}
+	cmd := exec.Command(bin, "serve", "--addr", "127.0.0.1:0", "--data", filepath.Join(dir, "data"), "--secret-file", secret, "--log-format", "json")
+	cmd.Env = cleanEnv()
+	s := startListening(t, cmd, "listening")
+	req, _ := http.NewRequest("GET", s.base+"/api/towns/t/agents", nil)
+	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(out)))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("a token of the shared secret: %v %v", resp, err)
+	}
+	resp.Body.Close()
+
+	short := filepath.Join(dir, "short")
+	os.WriteFile(short, []byte("abc"), 0o600)
+	var errOut bytes.Buffer
+	if code := run([]string{"token", "viewer", "--town", "t", "--secret-file", short}, io.Discard, &errOut); code != 1 || !strings.Contains(errOut.String(), "--secret-file") {
+		t.Fatalf("a short secret file: exit %d, %q", code, errOut.String())
+	}
+	t.Setenv("AGENTSTREAM_SECRET", strings.Repeat("e", 32))
+	errOut.Reset()
+	if code := run([]string{"token", "viewer", "--town", "t", "--secret-file", secret}, io.Discard, &errOut); code != 2 {
+		t.Fatalf("secret twice: exit %d, %q", code, errOut.String())
+	}
+}

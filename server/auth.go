@@ -218,6 +218,21 @@ func LoadSecret(env, dir string) ([]byte, error) {
 	return []byte(s), nil
 }
 
+// ReadSecretFile reads a signing secret kept in a file of its own (for
+// several instances that must share it): its text, trimmed, at least 32
+// bytes.
+func ReadSecretFile(path string) ([]byte, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("--secret-file: %w", err)
+	}
+	s := strings.TrimSpace(string(b))
+	if len(s) < 32 {
+		return nil, fmt.Errorf("--secret-file %s holds %d bytes; at least 32 are needed (openssl rand -hex 32 makes one)", path, len(s))
+	}
+	return []byte(s), nil
+}
+
 // DBFile is the SQLite file's name in the data directory.
 const DBFile = "agentstream.db"
 

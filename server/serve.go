@@ -25,7 +25,10 @@ type Config struct {
 	DataDir string // holds the SQLite file and the generated secret
 	DB      string // "sqlite:PATH"; default sqlite:DataDir/agentstream.db
 	Secret  string // AGENTSTREAM_SECRET; empty: the one in DataDir
-	Retain  int    // events kept per agent (0: model.DefaultRetain)
+	// SecretFile holds the signing secret instead (--secret-file), for
+	// instances that share one; it wins over Secret and DataDir.
+	SecretFile string
+	Retain     int // events kept per agent (0: model.DefaultRetain)
 
 	// PollInterval is how often a feed polls the database for events other
 	// writers added (default 500 ms).
@@ -82,7 +85,13 @@ func Serve(ctx context.Context, cfg Config) error {
 	if log == nil {
 		log = slog.Default()
 	}
-	secret, err := LoadSecret(cfg.Secret, cfg.DataDir)
+	var secret []byte
+	var err error
+	if cfg.SecretFile != "" {
+		secret, err = ReadSecretFile(cfg.SecretFile)
+	} else {
+		secret, err = LoadSecret(cfg.Secret, cfg.DataDir)
+	}
 	if err != nil {
 		return err
 	}
