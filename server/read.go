@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
+	"time"
 
 	"github.com/agentstream/agentstream/model"
 )
@@ -144,5 +145,7 @@ func (s *Server) storeFailed(w http.ResponseWriter, r *http.Request, op string, 
 	}
 	s.metrics.storeErrors.WithLabelValues(op).Inc()
 	s.log.Error("store", "op", op, "err", err)
+	// A disk that fills, a database that restarts: worth a retry soon.
+	retryAfter(w, 2*time.Second)
 	writeError(w, errorf(http.StatusServiceUnavailable, "store_unavailable", "The event store is not answering; retry."))
 }
