@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"net/url"
 
 	"github.com/uptrace/bun"
 	"github.com/uptrace/bun/dialect/pgdialect"
@@ -36,7 +37,18 @@ func (postgresDialect) lockTowns(ctx context.Context, tx bun.Tx, towns []string)
 
 // openPostgres opens a PostgreSQL database by URL.
 func openPostgres(ctx context.Context, dsn string) (*bun.DB, dialect, error) {
-	sqldb, err := sql.Open("pgx", dsn)
+	// bun writes every value into the SQL text, so no two statements are
+	// alike: pgx's default, preparing and caching each statement, would
+	// cost a round trip and a server-side statement per query for nothing.
+	// The simple protocol sends each in one round trip.
+	conn := dsn
+	if u, err := url.Parse(dsn); err == nil && !u.Query().Has("default_query_exec_mode") {
+		q := u.Query()
+		q.Set("default_query_exec_mode", "simple_protocol")
+		u.RawQuery = q.Encode()
+		conn = u.String()
+	}
+	sqldb, err := sql.Open("pgx", conn)
 	if err != nil {
 		return nil, nil, fmt.Errorf("open %s: %w", redact(dsn), err)
 	}
