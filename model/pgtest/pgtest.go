@@ -33,11 +33,12 @@ var ErrNoPostgres = errors.New("pgtest: no PostgreSQL server found (apt-get inst
 
 // Cluster is a running PostgreSQL server of the tests' own.
 type Cluster struct {
-	dir  string // holds the data directory and the socket
-	port int
-	cmd  *exec.Cmd
-	done chan struct{}
-	seq  atomic.Int64
+	dir     string // holds the data directory and the socket
+	port    int
+	command func(name string, args ...string) *exec.Cmd
+	cmd     *exec.Cmd
+	done    chan struct{}
+	seq     atomic.Int64
 }
 
 // binDir finds the server binaries: Debian keeps them out of PATH, in
@@ -104,27 +105,53 @@ func Start() (*Cluster, error) {
 		os.RemoveAll(dir)
 		return nil, err
 	}
-	c := &Cluster{dir: dir, port: port, done: make(chan struct{})}
-	// Durability is not under test here: the server's own crash safety
-	// holds without fsync as long as the machine does not crash.
-	c.cmd = command("postgres", "-D", data, "-p", strconv.Itoa(port), "-k", dir,
-		"-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
-		"-c", "full_page_writes=off", "-c", "max_connections=300")
-	c.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	logf, err := os.Create(filepath.Join(dir, "postgres.log"))
-	if err == nil {
-		c.cmd.Stdout, c.cmd.Stderr = logf, logf
-	}
-	if err := c.cmd.Start(); err != nil {
-		os.RemoveAll(dir)
-		return nil, fmt.Errorf("pgtest: postgres: %w", err)
-	}
-	go func() { c.cmd.Wait(); close(c.done) }()
-	if err := c.waitReady(60 * time.Second); err != nil {
+	c := &Cluster{dir: dir, port: port, command: command}
+	if err := c.Up(); err != nil {
 		c.Stop()
 		return nil, err
 	}
 	return c, nil
+}
+
+// Up starts the server on the cluster's data and port, and waits until
+// it answers.
+func (c *Cluster) Up() error {
+	// Durability is not under test here: the server's own crash safety
+	// holds without fsync as long as the machine does not crash.
+	c.cmd = c.command("postgres", "-D", filepath.Join(c.dir, "data"), "-p", strconv.Itoa(c.port), "-k", c.dir,
+		"-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+		"-c", "full_page_writes=off", "-c", "max_connections=300")
+	c.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	logf, err := os.OpenFile(filepath.Join(c.dir, "postgres.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err == nil {
+		c.cmd.Stdout, c.cmd.Stderr = logf, logf
+	}
+	c.done = make(chan struct{})
+	if err := c.cmd.Start(); err != nil {
+		return fmt.Errorf("pgtest: postgres: %w", err)
+	}
+	done := c.done
+	go func() { c.cmd.Wait(); close(done) }()
+	return c.waitReady(60 * time.Second)
+}
+
+// Down stops the server, keeping its data, as an operator's restart does
+// (a fast shutdown: open transactions are rolled back, connections cut).
+func (c *Cluster) Down() {
+	c.signal(syscall.SIGINT)
+}
+
+func (c *Cluster) signal(sig syscall.Signal) {
+	if c.cmd == nil || c.cmd.Process == nil {
+		return
+	}
+	syscall.Kill(-c.cmd.Process.Pid, sig)
+	select {
+	case <-c.done:
+	case <-time.After(30 * time.Second):
+		syscall.Kill(-c.cmd.Process.Pid, syscall.SIGKILL)
+		<-c.done
+	}
 }
 
 func (c *Cluster) waitReady(limit time.Duration) error {
@@ -172,16 +199,8 @@ func (c *Cluster) NewDatabase(ctx context.Context) (string, error) {
 
 // Stop ends the server and removes its files.
 func (c *Cluster) Stop() {
-	if c.cmd.Process != nil {
-		// SIGQUIT: immediate shutdown; the cluster is thrown away.
-		syscall.Kill(-c.cmd.Process.Pid, syscall.SIGQUIT)
-		select {
-		case <-c.done:
-		case <-time.After(10 * time.Second):
-			syscall.Kill(-c.cmd.Process.Pid, syscall.SIGKILL)
-			<-c.done
-		}
-	}
+	// SIGQUIT: immediate shutdown; the cluster is thrown away.
+	c.signal(syscall.SIGQUIT)
 	os.RemoveAll(c.dir)
 }
 
