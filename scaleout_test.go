@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os/exec"
 	"slices"
@@ -138,5 +139,120 @@ func TestPostgresRestart(t *testing.T) {
 	// database holds the acknowledged events and nothing else.
 	if len(page.Events) != len(acked) {
 		t.Fatalf("the database holds %d events; %d were acknowledged", len(page.Events), len(acked))
+	}
+}
+
+// failoverProxy forwards each new connection to the first of its targets
+// that accepts one: a load balancer in its simplest form.
+type failoverProxy struct {
+	ln      net.Listener
+	targets []string
+}
+
+func newFailoverProxy(t *testing.T, targets ...string) *failoverProxy {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &failoverProxy{ln: ln, targets: targets}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go p.forward(c)
+		}
+	}()
+	return p
+}
+
+func (p *failoverProxy) forward(c net.Conn) {
+	defer c.Close()
+	for _, target := range p.targets {
+		s, err := net.Dial("tcp", target)
+		if err != nil {
+			continue
+		}
+		defer s.Close()
+		go func() { io.Copy(s, c); s.Close() }()
+		io.Copy(c, s)
+		return
+	}
+}
+
+// TestInstanceKilled: two serve processes on one PostgreSQL database
+// behind a load balancer; tail follows an agent through it while events
+// are posted to the second instance. The first is killed with SIGKILL
+// mid-stream: tail reconnects, lands on the second, and has every
+// acknowledged event exactly once, in order.
+func TestInstanceKilled(t *testing.T) {
+	cluster, err := pgtest.Start()
+	if err != nil {
+		if fail, msg := pgtest.Skip(err); fail {
+			t.Fatal(msg)
+		} else {
+			t.Skip(msg)
+		}
+	}
+	t.Cleanup(cluster.Stop)
+	dsn, err := cluster.NewDatabase(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := buildBinary(t)
+	secret := strings.Repeat("k", 40)
+	env := append(cleanEnv(), "AGENTSTREAM_SECRET="+secret)
+	var inst []*serveProc
+	for range 2 {
+		cmd := exec.Command(bin, "serve", "--addr", "127.0.0.1:0", "--data", t.TempDir(), "--db", dsn, "--log-format", "json")
+		cmd.Env = env
+		inst = append(inst, startListening(t, cmd, "listening"))
+	}
+	lb := newFailoverProxy(t, strings.TrimPrefix(inst[0].base, "http://"), strings.TrimPrefix(inst[1].base, "http://"))
+	auth, _ := server.NewAuth([]byte(secret))
+	agent, _ := auth.MintAgent("t", "r", "a", time.Hour)
+	viewer, _ := auth.MintViewer("t", time.Hour)
+
+	tail := exec.Command(bin, "tail", "--town", "t", "--agent", "a", "--server", "http://"+lb.ln.Addr().String(), "--json", "--token", viewer)
+	tail.Env = env
+	out, _ := tail.StdoutPipe()
+	if err := tail.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tail.Process.Kill(); tail.Wait() })
+	seen := make(chan int64, 1000)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			var ev struct{ ID int64 }
+			if json.Unmarshal(sc.Bytes(), &ev) == nil {
+				seen <- ev.ID
+			}
+		}
+	}()
+	var acked, got []int64
+	read := func(n int) {
+		for len(got) < n {
+			select {
+			case id := <-seen:
+				got = append(got, id)
+			case <-time.After(60 * time.Second):
+				t.Fatalf("tail saw %d of %d acknowledged events", len(got), n)
+			}
+		}
+	}
+	for i := range 30 {
+		acked = append(acked, postEvent(t, inst[1].base, agent, fmt.Sprintf(`{"type":"step","data":{"i":%d}}`, i))...)
+		if i == 14 {
+			read(len(acked)) // the first half, through the first instance
+			inst[0].cmd.Process.Kill()
+			<-inst[0].done
+		}
+	}
+	read(len(acked))
+	if !slices.Equal(got, acked) {
+		t.Fatalf("tail saw %v,\nacknowledged %v", got, acked)
 	}
 }
