@@ -15,8 +15,7 @@ import (
 // comes through LISTEN/NOTIFY.
 func twoInstances(t *testing.T) (a, b *testEnv) {
 	dsn := pgDSN(t)
-	popts := poll.Options{Interval: time.Hour}
-	return newEnvOn(t, dsn, Options{}, model.Options{}, popts), newEnvOn(t, dsn, Options{}, model.Options{}, popts)
+	return newEnvOn(t, dsn, Options{}, zeroStore(), pollHourly()), newEnvOn(t, dsn, Options{}, zeroStore(), pollHourly())
 }
 
 // TestCrossInstanceDelivery: events posted to instance A reach streams open
@@ -107,3 +106,7 @@ func TestResumeOnOtherInstance(t *testing.T) {
 		t.Fatalf("a key used on A, retried on B: %d %v, %d %v", c1, first, c2, again)
 	}
 }
+
+func pollHourly() poll.Options { return poll.Options{Interval: time.Hour} }
+
+func zeroStore() model.Options { return model.Options{} }
