@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
-	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -27,7 +26,8 @@ type env struct {
 
 func newEnv(t testing.TB, sopts model.Options, popts Options) *env {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "agentstream.db")
+	path := current.dsn(t)
+	t.Logf("backend %s", current.name)
 	store, err := model.Open(context.Background(), path, sopts)
 	if err != nil {
 		t.Fatal(err)
