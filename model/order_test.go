@@ -109,3 +109,24 @@ func TestOrderUnderConcurrentWriters(t *testing.T) {
 		t.Fatalf("the town reader saw %d of %d ids, the agent reader %d of %d: ids were skipped", len(townIDs), len(all), len(agentIDs), len(shared))
 	}
 }
+
+// TestOpenTogether: instances started at the same moment on a new
+// database all open it; the schema is made once.
+func TestOpenTogether(t *testing.T) {
+	dsn := tempDSN(t)
+	errs := make(chan error, 4)
+	for range 4 {
+		go func() {
+			s, err := Open(context.Background(), dsn, Options{})
+			if err == nil {
+				s.Close()
+			}
+			errs <- err
+		}()
+	}
+	for range 4 {
+		if err := <-errs; err != nil {
+			t.Fatalf("open with others at once: %v", err)
+		}
+	}
+}

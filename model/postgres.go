@@ -35,6 +35,27 @@ func (postgresDialect) lockTowns(ctx context.Context, tx bun.Tx, towns []string)
 	return nil
 }
 
+// migrationLockKey is the advisory lock instances take to migrate.
+const migrationLockKey = 0x61677374 // "agst"
+
+// lockMigrations holds a session advisory lock on a connection of its own
+// while the migrations run: instances started together on a new database
+// would otherwise create the same tables at once and fail.
+func (postgresDialect) lockMigrations(ctx context.Context, db *bun.DB) (func(), error) {
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("migration lock: %w", err)
+	}
+	if _, err := conn.ExecContext(ctx, "SELECT pg_advisory_lock(?)", migrationLockKey); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("migration lock: %w", err)
+	}
+	return func() {
+		conn.ExecContext(context.Background(), "SELECT pg_advisory_unlock(?)", migrationLockKey)
+		conn.Close()
+	}, nil
+}
+
 // openPostgres opens a PostgreSQL database by URL.
 func openPostgres(ctx context.Context, dsn string) (*bun.DB, dialect, error) {
 	// bun writes every value into the SQL text, so no two statements are

@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"syscall"
 
 	"github.com/uptrace/bun"
 	"github.com/uptrace/bun/dialect/sqlitedialect"
@@ -19,11 +20,32 @@ import (
 )
 
 // sqliteDialect is the embedded default: one file, one writer.
-type sqliteDialect struct{}
+type sqliteDialect struct {
+	path string
+}
 
 // lockTowns does nothing: BEGIN IMMEDIATE already holds the database's one
 // write lock, so transactions commit one at a time, in id order.
 func (sqliteDialect) lockTowns(context.Context, bun.Tx, []string) error { return nil }
+
+// lockMigrations holds an exclusive flock on the database file while the
+// migrations run: processes opening a new file together would otherwise
+// apply the same migration twice (one migration is several statements).
+// SQLite's own locks are fcntl locks, which flock does not touch.
+func (d sqliteDialect) lockMigrations(context.Context, *bun.DB) (func(), error) {
+	f, err := os.Open(d.path)
+	if err != nil {
+		return nil, fmt.Errorf("migration lock: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("migration lock: %w", err)
+	}
+	return func() {
+		syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+		f.Close()
+	}, nil
+}
 
 // notify does nothing: the one process that writes tells its own feeds.
 func (sqliteDialect) notify(context.Context, bun.Tx, []AgentKey) error { return nil }
@@ -73,5 +95,5 @@ func openSQLite(ctx context.Context, path string) (*bun.DB, dialect, error) {
 		db.Close()
 		return nil, nil, fmt.Errorf("open %s: %w", path, err)
 	}
-	return db, sqliteDialect{}, nil
+	return db, sqliteDialect{path: path}, nil
 }

@@ -116,7 +116,14 @@ func Open(ctx context.Context, dsn string, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := runMigrations(ctx, db); err != nil {
+	unlock, err := d.lockMigrations(ctx, db)
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open: %w", err)
+	}
+	err = runMigrations(ctx, db)
+	unlock()
+	if err != nil {
 		db.Close()
 		return nil, fmt.Errorf("open: %w", err)
 	}
@@ -127,6 +134,9 @@ func Open(ctx context.Context, dsn string, opts Options) (*Store, error) {
 
 // dialect is what the store does differently on each database.
 type dialect interface {
+	// lockMigrations keeps other processes from migrating the same
+	// database at once (instances started together) until unlock.
+	lockMigrations(ctx context.Context, db *bun.DB) (unlock func(), err error)
 	// lockTowns is called in a group commit's transaction before any id
 	// is drawn. It makes the towns' ids commit in id order: a reader of
 	// "id > cursor" must never see an id before a smaller one of the same

@@ -8,6 +8,9 @@
 //
 //	go build -o /tmp/agentstream . && go run ./server/loadtest -bin /tmp/agentstream
 //
+// With -scaleout it measures two instances on one PostgreSQL database (a
+// throwaway cluster it starts itself), subscribers split over both.
+//
 // With -membudget N it measures the server's RSS growth for N streams that
 // never read, on a history of 64 KiB events.
 //
@@ -54,6 +57,7 @@ func main() {
 	emitN := flag.Int("emit", 0, "internal: be the relay scenarios' agent, writing this many events")
 	emitRate := flag.Int("emit-rate", 0, "internal: events per second the agent writes (0: as fast as it can)")
 	memStreams := flag.Int("membudget", 0, "measure instead the RSS cost of this many streams that never read, on 64 KiB events")
+	scaleOut := flag.Bool("scaleout", false, "measure instead two instances on one PostgreSQL (started here): subscribers split over both, events posted to one")
 	flag.Parse()
 	if *naive != "" {
 		serveNaive(*naive)
@@ -67,6 +71,10 @@ func main() {
 		log.Fatal("-bin is required: go build -o /tmp/agentstream . first")
 	}
 	raiseFDLimit()
+	if *scaleOut {
+		scaleOutScenarios(*bin, *duration)
+		return
+	}
 	if *memStreams > 0 {
 		memBudget(*bin, *memStreams, 300)
 		return
@@ -126,7 +134,11 @@ type server struct {
 	dir    string
 }
 
-func start(kind, bin string) *server {
+func start(kind, bin string) *server { return startWith(kind, bin, nil, nil) }
+
+// startWith is start with more serve flags, and more environment for
+// serve and token (a shared AGENTSTREAM_SECRET, say).
+func startWith(kind, bin string, serveArgs, env []string) *server {
 	dir, err := os.MkdirTemp("", "agentstream-load-")
 	if err != nil {
 		log.Fatal(err)
@@ -139,7 +151,9 @@ func start(kind, bin string) *server {
 	} else {
 		data := filepath.Join(dir, "data")
 		tok := func(args ...string) string {
-			out, err := exec.Command(bin, append([]string{"token"}, append(args, "--data", data)...)...).Output()
+			cmd := exec.Command(bin, append([]string{"token"}, append(args, "--data", data)...)...)
+			cmd.Env = append(os.Environ(), env...)
+			out, err := cmd.Output()
 			if err != nil {
 				log.Fatalf("token: %v", err)
 			}
@@ -147,8 +161,8 @@ func start(kind, bin string) *server {
 		}
 		s.agent = tok("agent", "--town", "load", "--rig", "r", "--agent", "a")
 		s.viewer = tok("viewer", "--town", "load")
-		s.cmd = exec.Command(bin, "serve", "--addr", addr, "--data", data, "--log-format", "json")
-		s.cmd.Env = append(os.Environ(), "GODEBUG=")
+		s.cmd = exec.Command(bin, append([]string{"serve", "--addr", addr, "--data", data, "--log-format", "json"}, serveArgs...)...)
+		s.cmd.Env = append(append(os.Environ(), "GODEBUG="), env...)
 	}
 	s.cmd.Stderr = io.Discard
 	if err := s.cmd.Start(); err != nil {
@@ -268,6 +282,12 @@ func intAfter(b []byte, key string) (int64, bool) {
 }
 
 func run(s *server, transport string, n, rate int, d time.Duration) result {
+	return runOn(s, []*server{s}, transport, n, rate, d)
+}
+
+// runOn is run with the subscribers spread over several servers (round
+// robin), the events posted to s, and the CPU time of them all.
+func runOn(s *server, subsOn []*server, transport string, n, rate int, d time.Duration) result {
 	subs := make([]*subscriber, n)
 	conns := make([]net.Conn, n)
 	var ready sync.WaitGroup
@@ -276,7 +296,7 @@ func run(s *server, transport string, n, rate int, d time.Duration) result {
 		subs[i] = &subscriber{seen: map[int]int{}}
 		ready.Add(1)
 		wg.Go(func() {
-			conn, r, err := dial(s, transport)
+			conn, r, err := dial(subsOn[i%len(subsOn)], transport)
 			if err != nil {
 				log.Printf("subscriber %d: %v", i, err)
 				ready.Done()
@@ -291,7 +311,14 @@ func run(s *server, transport string, n, rate int, d time.Duration) result {
 	time.Sleep(500 * time.Millisecond) // let every stream reach the live path
 	total := int(d.Seconds() * float64(rate))
 	pub := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 8}}
-	cpu0 := s.cpu()
+	cpuOf := func() float64 {
+		var c float64
+		for _, sv := range subsOn {
+			c += sv.cpu()
+		}
+		return c
+	}
+	cpu0 := cpuOf()
 	tick := time.NewTicker(time.Second / time.Duration(rate))
 	var posted atomic.Int64
 	var pubs sync.WaitGroup
@@ -322,7 +349,7 @@ func run(s *server, transport string, n, rate int, d time.Duration) result {
 		}
 		last = cur
 	}
-	cpu := s.cpu() - cpu0
+	cpu := cpuOf() - cpu0
 	for _, c := range conns {
 		if c != nil {
 			c.Close()
