@@ -328,10 +328,13 @@ func (c *Container) Stop(id string) (AgentInfo, error) {
 		a.stopping = true
 	}
 	a.mu.Unlock()
+	// The answer is the agent as the stop found it: a process that dies
+	// the instant it hears SIGTERM would otherwise read as "had exited".
+	info := a.info()
 	if first {
 		c.terminate(a)
 	}
-	return a.info(), nil
+	return info, nil
 }
 
 func (c *Container) terminate(a *agent) {
