@@ -25,19 +25,7 @@ import (
 // tail has every acknowledged event exactly once, in order, as the
 // database does.
 func TestPostgresRestart(t *testing.T) {
-	cluster, err := pgtest.Start()
-	if err != nil {
-		if fail, msg := pgtest.Skip(err); fail {
-			t.Fatal(msg)
-		} else {
-			t.Skip(msg)
-		}
-	}
-	t.Cleanup(cluster.Stop)
-	dsn, err := cluster.NewDatabase(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	cluster, dsn := startCluster(t)
 	bin := buildBinary(t)
 	secret := strings.Repeat("p", 40)
 	env := append(cleanEnv(), "AGENTSTREAM_SECRET="+secret)
@@ -48,23 +36,7 @@ func TestPostgresRestart(t *testing.T) {
 	agent, _ := auth.MintAgent("t", "r", "a", time.Hour)
 	viewer, _ := auth.MintViewer("t", time.Hour)
 
-	tail := exec.Command(bin, "tail", "--town", "t", "--agent", "a", "--server", s.base, "--json", "--token", viewer)
-	tail.Env = env
-	out, _ := tail.StdoutPipe()
-	if err := tail.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { tail.Process.Kill(); tail.Wait() })
-	seen := make(chan int64, 1000)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			var ev struct{ ID int64 }
-			if json.Unmarshal(sc.Bytes(), &ev) == nil {
-				seen <- ev.ID
-			}
-		}
-	}()
+	seen := followIDs(t, bin, s.base, viewer, env)
 
 	// post sends one keyed event until it is acknowledged.
 	post := func(i int) int64 {
@@ -188,19 +160,7 @@ func (p *failoverProxy) forward(c net.Conn) {
 // mid-stream: tail reconnects, lands on the second, and has every
 // acknowledged event exactly once, in order.
 func TestInstanceKilled(t *testing.T) {
-	cluster, err := pgtest.Start()
-	if err != nil {
-		if fail, msg := pgtest.Skip(err); fail {
-			t.Fatal(msg)
-		} else {
-			t.Skip(msg)
-		}
-	}
-	t.Cleanup(cluster.Stop)
-	dsn, err := cluster.NewDatabase(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, dsn := startCluster(t)
 	bin := buildBinary(t)
 	secret := strings.Repeat("k", 40)
 	env := append(cleanEnv(), "AGENTSTREAM_SECRET="+secret)
@@ -215,23 +175,7 @@ func TestInstanceKilled(t *testing.T) {
 	agent, _ := auth.MintAgent("t", "r", "a", time.Hour)
 	viewer, _ := auth.MintViewer("t", time.Hour)
 
-	tail := exec.Command(bin, "tail", "--town", "t", "--agent", "a", "--server", "http://"+lb.ln.Addr().String(), "--json", "--token", viewer)
-	tail.Env = env
-	out, _ := tail.StdoutPipe()
-	if err := tail.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { tail.Process.Kill(); tail.Wait() })
-	seen := make(chan int64, 1000)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			var ev struct{ ID int64 }
-			if json.Unmarshal(sc.Bytes(), &ev) == nil {
-				seen <- ev.ID
-			}
-		}
-	}()
+	seen := followIDs(t, bin, "http://"+lb.ln.Addr().String(), viewer, env)
 	var acked, got []int64
 	read := func(n int) {
 		for len(got) < n {
@@ -255,4 +199,49 @@ func TestInstanceKilled(t *testing.T) {
 	if !slices.Equal(got, acked) {
 		t.Fatalf("tail saw %v,\nacknowledged %v", got, acked)
 	}
+}
+
+// startCluster starts a PostgreSQL cluster of the test's own (it restarts
+// it, or wants no other test's load on it) and returns it with a fresh
+// database's URL. Without PostgreSQL the test skips, or fails in CI.
+func startCluster(t *testing.T) (*pgtest.Cluster, string) {
+	t.Helper()
+	cluster, err := pgtest.Start()
+	if err != nil {
+		if fail, msg := pgtest.Skip(err); fail {
+			t.Fatal(msg)
+		} else {
+			t.Skip(msg)
+		}
+	}
+	t.Cleanup(cluster.Stop)
+	dsn, err := cluster.NewDatabase(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cluster, dsn
+}
+
+// followIDs runs tail on agent a of town t at base and sends the id of
+// every event it prints.
+func followIDs(t *testing.T, bin, base, viewer string, env []string) <-chan int64 {
+	t.Helper()
+	tail := exec.Command(bin, "tail", "--town", "t", "--agent", "a", "--server", base, "--json", "--token", viewer)
+	tail.Env = env
+	out, _ := tail.StdoutPipe()
+	if err := tail.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tail.Process.Kill(); tail.Wait() })
+	seen := make(chan int64, 1000)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			var ev struct{ ID int64 }
+			if json.Unmarshal(sc.Bytes(), &ev) == nil {
+				seen <- ev.ID
+			}
+		}
+	}()
+	return seen
 }

@@ -21,7 +21,7 @@ func TestListen(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer a.Close()
-	if current.name == "sqlite" {
+	if current.Name == "sqlite" {
 		if err := a.Listen(ctx, func([]AgentKey) {}); !errors.Is(err, ErrNoListen) {
 			t.Fatalf("Listen on SQLite: %v, want ErrNoListen", err)
 		}

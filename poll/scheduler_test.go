@@ -26,8 +26,8 @@ type env struct {
 
 func newEnv(t testing.TB, sopts model.Options, popts Options) *env {
 	t.Helper()
-	path := current.dsn(t)
-	t.Logf("backend %s", current.name)
+	path := current.DSN(t)
+	t.Logf("backend %s", current.Name)
 	store, err := model.Open(context.Background(), path, sopts)
 	if err != nil {
 		t.Fatal(err)

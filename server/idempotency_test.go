@@ -97,22 +97,8 @@ func TestRetryAfterLostResponseStoresOnce(t *testing.T) {
 func TestIdempotencyKey(t *testing.T) {
 	e := newEnv(t)
 	post := func(key, body string) (int, http.Header, []int64, string) {
-		req, _ := http.NewRequest("POST", e.base+"/api/rigs/r1/agent-events", strings.NewReader(body))
-		req.Header.Set("Authorization", "Bearer "+e.agent)
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Idempotency-Key", key)
-		resp, err := e.client.Do(req)
-		if err != nil {
-			t.Error(err)
-			return 0, nil, nil, ""
-		}
-		defer resp.Body.Close()
-		var v struct {
-			IDs   []int64
-			Error struct{ Code string }
-		}
-		jsonDecode(resp.Body, &v)
-		return resp.StatusCode, resp.Header, v.IDs, v.Error.Code
+		a := e.postKeyed(key, body)
+		return a.code, a.header, a.ids, a.err
 	}
 	code, _, first, _ := post("batch-1", steps(3))
 	if code != 201 || len(first) != 3 {
@@ -168,19 +154,31 @@ func TestIdempotencyKey(t *testing.T) {
 	}
 }
 
-// doKeyed posts body as a1 with an Idempotency-Key.
-func (e *testEnv) doKeyed(key, body string) (int, http.Header, map[string]any) {
-	e.t.Helper()
+// keyedAnswer is what a keyed post got.
+type keyedAnswer struct {
+	code   int
+	header http.Header
+	ids    []int64
+	err    string // the error code, if any
+}
+
+// postKeyed posts body as a1 with an Idempotency-Key. It is safe from any
+// goroutine: a failure to post is reported with t.Error.
+func (e *testEnv) postKeyed(key, body string) keyedAnswer {
 	req, _ := http.NewRequest("POST", e.base+"/api/rigs/r1/agent-events", strings.NewReader(body))
 	req.Header.Set("Authorization", "Bearer "+e.agent)
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Idempotency-Key", key)
 	resp, err := e.client.Do(req)
 	if err != nil {
-		e.t.Fatal(err)
+		e.t.Error(err)
+		return keyedAnswer{}
 	}
 	defer resp.Body.Close()
-	var v map[string]any
+	var v struct {
+		IDs   []int64
+		Error struct{ Code string }
+	}
 	jsonDecode(resp.Body, &v)
-	return resp.StatusCode, resp.Header, v
+	return keyedAnswer{resp.StatusCode, resp.Header, v.IDs, v.Error.Code}
 }

@@ -95,15 +95,9 @@ func TestResumeOnOtherInstance(t *testing.T) {
 		t.Fatalf("across the reconnect: %v, want %v", got, want)
 	}
 
-	post := func(e *testEnv) (int, []any) {
-		code, _, v := e.doKeyed("batch-1", steps(2))
-		ids, _ := v["ids"].([]any)
-		return code, ids
-	}
-	c1, first := post(a)
-	c2, again := post(b)
-	if c1 != 201 || c2 != 201 || !slices.Equal(first, again) {
-		t.Fatalf("a key used on A, retried on B: %d %v, %d %v", c1, first, c2, again)
+	first, again := a.postKeyed("batch-1", steps(2)), b.postKeyed("batch-1", steps(2))
+	if first.code != 201 || again.code != 201 || !slices.Equal(first.ids, again.ids) {
+		t.Fatalf("a key used on A, retried on B: %+v, %+v", first, again)
 	}
 }
 

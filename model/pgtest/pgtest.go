@@ -22,6 +22,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"syscall"
+	"testing"
 	"time"
 
 	_ "github.com/jackc/pgx/v5/stdlib" // database/sql driver "pgx"
@@ -218,4 +219,47 @@ func freePort() (int, error) {
 func Skip(err error) (fail bool, msg string) {
 	msg = "PostgreSQL tests: " + err.Error()
 	return strings.EqualFold(os.Getenv("CI"), "true"), msg
+}
+
+// Backend is a database a package's tests run against: its name, and how
+// to make a fresh, empty one for a test (a SQLite path or a PostgreSQL URL).
+type Backend struct {
+	Name string
+	DSN  func(t testing.TB) string
+}
+
+// RunEach runs a package's tests once per backend — SQLite, then
+// PostgreSQL on a cluster of its own — with *current set to the backend
+// of the run, and returns the exit code for os.Exit. Without PostgreSQL
+// it runs SQLite only, or fails in CI (see Skip).
+func RunEach(m *testing.M, current *Backend) int {
+	backends := []Backend{{Name: "sqlite", DSN: func(t testing.TB) string {
+		return filepath.Join(t.TempDir(), "agentstream.db")
+	}}}
+	cluster, err := Start()
+	if err != nil {
+		fail, msg := Skip(err)
+		fmt.Fprintln(os.Stderr, msg)
+		if fail {
+			return 1
+		}
+	} else {
+		defer cluster.Stop()
+		backends = append(backends, Backend{Name: "postgres", DSN: func(t testing.TB) string {
+			dsn, err := cluster.NewDatabase(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			return dsn
+		}})
+	}
+	code := 0
+	for _, b := range backends {
+		*current = b
+		fmt.Printf("=== backend %s\n", b.Name)
+		if c := m.Run(); c != 0 {
+			code = c
+		}
+	}
+	return code
 }
