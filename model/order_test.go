@@ -14,16 +14,7 @@ import (
 // read. On PostgreSQL this is what the per-town advisory lock buys.
 func TestOrderUnderConcurrentWriters(t *testing.T) {
 	ctx := context.Background()
-	dsn := tempDSN(t)
-	var stores []*Store
-	for range 2 {
-		s, err := Open(ctx, dsn, Options{Retain: -1})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer s.Close()
-		stores = append(stores, s)
-	}
+	stores := twoStores(t)
 	const batches = 150
 	var writers sync.WaitGroup
 	for w, s := range stores {
@@ -129,4 +120,21 @@ func TestOpenTogether(t *testing.T) {
 			t.Fatalf("open with others at once: %v", err)
 		}
 	}
+}
+
+// twoStores opens two stores on one fresh database, as two instances
+// (two connection pools) open it, keeping every event.
+func twoStores(t *testing.T) []*Store {
+	t.Helper()
+	dsn := tempDSN(t)
+	var stores []*Store
+	for range 2 {
+		s, err := Open(context.Background(), dsn, Options{Retain: -1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		stores = append(stores, s)
+	}
+	return stores
 }

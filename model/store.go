@@ -83,6 +83,12 @@ type appendReq struct {
 	once     *Once      // AppendOnce's key, or nil
 	replayed bool       // its key was stored: events got the stored ids
 	leader   *appendReq // an earlier request of the group with the same key
+
+	// caller and kept are set when the commit skipped relayed events that
+	// were stored already: events then holds the others, copied, kept[j]
+	// is the index in caller (the caller's slice) of events[j].
+	caller []Event
+	kept   []int
 }
 
 // stored reports whether the commit wrote this request's events.
@@ -209,14 +215,17 @@ func (s *Store) Ping(ctx context.Context) error {
 // that is bound to another rig are refused with a *RigConflictError, and
 // none of that call's events are stored.
 //
+// A relayed event (UpstreamRun set) whose sequence number is already
+// stored for its run is skipped and keeps ID 0: relays on several
+// instances pulling one container store each event once, whichever
+// commits first.
+//
 // If ctx ends first Append returns its error, but events already queued may
 // still be committed.
 func (s *Store) Append(ctx context.Context, events []Event) error {
 	if len(events) == 0 {
 		return nil
 	}
-	// The database keeps microseconds; cut them here so that what Append
-	// hands back equals what After reads.
 	return s.enqueue(ctx, &appendReq{events: events})
 }
 
@@ -313,8 +322,17 @@ func (s *Store) commit(group []*appendReq) (map[townAgent]string, error) {
 	err := s.db.RunInTx(ctx, nil, func(ctx context.Context, tx bun.Tx) error {
 		for _, r := range group {
 			r.err, r.replayed, r.leader = nil, false, nil
+			if r.caller != nil {
+				r.events, r.caller, r.kept = r.caller, nil, nil
+			}
 		}
 		if err := s.dialect.lockTowns(ctx, tx, groupTowns(group)); err != nil {
+			return err
+		}
+		// After the town locks: no other instance commits to these towns
+		// until this transaction ends, so what is stored cannot change
+		// under the check.
+		if err := skipRelayed(ctx, tx, group); err != nil {
 			return err
 		}
 		if err := checkKeys(ctx, tx, group); err != nil {
@@ -331,6 +349,14 @@ func (s *Store) commit(group []*appendReq) (map[townAgent]string, error) {
 			for evs := range slices.Chunk(r.events, 500) {
 				if err := insertEvents(ctx, tx, evs); err != nil {
 					return err
+				}
+			}
+			if r.caller != nil {
+				for i := range r.caller {
+					r.caller[i].ID = 0
+				}
+				for j, i := range r.kept {
+					r.caller[i].ID = r.events[j].ID
 				}
 			}
 			if r.once != nil {
@@ -357,6 +383,58 @@ func (s *Store) commit(group []*appendReq) (map[townAgent]string, error) {
 		return nil
 	})
 	return bound, err
+}
+
+// skipRelayed leaves out of the group's requests the relayed events that
+// are stored already: by a relay on another instance pulling the same
+// container, or by this one before it restarted. A clash in the unique
+// index would otherwise fail the whole group, other callers' events too.
+// A relay stores a run's events in sequence order, and a gap as an event
+// of its own at the last lost number, so every number up to a run's
+// highest stored one is taken. Groups without relayed events cost nothing.
+func skipRelayed(ctx context.Context, tx bun.Tx, group []*appendReq) error {
+	type runKey struct{ town, agent, run string }
+	var high map[runKey]int64
+	for _, r := range group {
+		if !r.stored() || !slices.ContainsFunc(r.events, func(e Event) bool { return e.UpstreamRun != "" }) {
+			continue
+		}
+		if high == nil {
+			high = make(map[runKey]int64)
+		}
+		var kept []int
+		for i, e := range r.events {
+			if e.UpstreamRun != "" {
+				k := runKey{e.TownID, e.AgentID, e.UpstreamRun}
+				h, ok := high[k]
+				if !ok {
+					var seq sql.NullInt64
+					err := tx.NewSelect().Model((*Event)(nil)).ColumnExpr("MAX(upstream_seq)").
+						Where("town_id = ?", k.town).Where("agent_id = ?", k.agent).Where("upstream_run = ?", k.run).
+						Scan(ctx, &seq)
+					if err != nil {
+						return fmt.Errorf("upstream cursor of %s: %w", k.agent, err)
+					}
+					h = seq.Int64
+				}
+				if e.UpstreamSeq <= h {
+					high[k] = h
+					continue
+				}
+				high[k] = e.UpstreamSeq
+			}
+			kept = append(kept, i)
+		}
+		if len(kept) == len(r.events) {
+			continue
+		}
+		evs := make([]Event, len(kept))
+		for j, i := range kept {
+			evs[j] = r.events[i]
+		}
+		r.caller, r.kept, r.events = r.events, kept, evs
+	}
+	return nil
 }
 
 // groupAgents lists the agents a group stores events for.

@@ -221,7 +221,9 @@ func assertIncreasing(t *testing.T, agent string, evs []Event) {
 	}
 }
 
-func TestUpstreamSeqIsUniquePerRun(t *testing.T) {
+// TestRelayedStoredOnce: an upstream event is stored once per (town,
+// agent, run, seq), however often it is appended.
+func TestRelayedStoredOnce(t *testing.T) {
 	ctx := context.Background()
 	s := openTemp(t, Options{})
 	k := AgentKey{Town: "t", Agent: "a"}
@@ -238,20 +240,77 @@ func TestUpstreamSeqIsUniquePerRun(t *testing.T) {
 			t.Errorf("UpstreamSeq(%s) = %d, %v; want %d", run, got, err, want)
 		}
 	}
-	// The same upstream event twice is refused, and nothing of that
-	// commit is stored.
-	if err := s.Append(ctx, []Event{relayed("run1", 3), relayed("run1", 2)}); err == nil {
-		t.Fatal("a relayed event was stored twice")
+	// Relayed events already stored are skipped, keeping ID 0; the new
+	// one of the same call is stored.
+	again := []Event{relayed("run1", 2), relayed("run1", 3), relayed("run2", 1)}
+	again[0].ID, again[2].ID = 99, 99
+	if err := s.Append(ctx, again); err != nil {
+		t.Fatal(err)
 	}
-	if got, _ := s.UpstreamSeq(ctx, k, "run1"); got != 2 {
-		t.Fatalf("after the refused commit UpstreamSeq = %d, want 2", got)
+	if again[0].ID != 0 || again[1].ID == 0 || again[2].ID != 0 {
+		t.Fatalf("ids after the append %d %d %d, want 0, an id, 0", again[0].ID, again[1].ID, again[2].ID)
+	}
+	if got, _ := s.UpstreamSeq(ctx, k, "run1"); got != 3 {
+		t.Fatalf("UpstreamSeq(run1) = %d, want 3", got)
 	}
 	// Local events never clash with one another.
 	if err := s.Append(ctx, []Event{ev("t", "r", "a", "x.local", 1), ev("t", "r", "a", "x.local", 2)}); err != nil {
 		t.Fatal(err)
 	}
 	got, err := s.After(ctx, k, 0, 100)
-	if err != nil || len(got) != 6 || got[1].UpstreamRun != "run1" || got[1].UpstreamSeq != 1 {
+	if err != nil || len(got) != 7 || got[1].UpstreamRun != "run1" || got[1].UpstreamSeq != 1 || got[4].UpstreamSeq != 3 {
 		t.Fatalf("After = %+v, %v", got, err)
+	}
+}
+
+// TestRelayedRace: two stores on one database (as two instances' relays
+// pulling one container are) append the same upstream events at once, in
+// pages that overlap, while other callers append local events alongside.
+// Every call succeeds, and each upstream event is stored once, in order.
+func TestRelayedRace(t *testing.T) {
+	ctx := context.Background()
+	stores := twoStores(t)
+	const last = 300
+	var wg sync.WaitGroup
+	for w, s := range stores {
+		wg.Go(func() {
+			// Pages of 1 to 7 from where this relay last stored: each
+			// page overlaps what the other relay may have stored.
+			for seq := int64(1); seq <= last; {
+				n := int64(1 + (int(seq)+w)%7)
+				var page []Event
+				for i := seq; i < seq+n && i <= last; i++ {
+					e := ev("t", "r", "a", "x.relayed", int(i))
+					e.UpstreamRun, e.UpstreamSeq = "run1", i
+					page = append(page, e)
+				}
+				if err := s.Append(ctx, page); err != nil {
+					t.Errorf("relay %d, page from %d: %v", w, seq, err)
+					return
+				}
+				seq += n
+			}
+		})
+		wg.Go(func() {
+			for i := range 100 {
+				if err := s.Append(ctx, []Event{ev("t", "r", "local", "x", i)}); err != nil {
+					t.Errorf("local append %d beside the relays: %v", i, err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	got, err := stores[0].After(ctx, AgentKey{Town: "t", Agent: "a"}, 0, 1000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != last {
+		t.Fatalf("%d upstream events stored, want %d", len(got), last)
+	}
+	for i, e := range got {
+		if e.UpstreamSeq != int64(i+1) {
+			t.Fatalf("event %d has upstream seq %d", i, e.UpstreamSeq)
+		}
 	}
 }

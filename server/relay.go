@@ -28,17 +28,19 @@ const relayPage = 100
 
 // Relay brings a container's agents into the store (`serve --upstream`). It
 // is the scheduler's poll.Upstream: when an active agent's feed pulls (see
-// poll.Upstream for when), it calls Pull, which asks the container for the events after the last
-// one stored and commits them, tagged with their run and sequence number,
-// before the feed reads and fans them out. Watch keeps every agent the
-// container reports running active (poll.Scheduler.Hold), watched or not,
-// so late joiners find its whole history; it lets go once the agent's
-// agent.exited is stored.
+// poll.Upstream for when), it calls Pull, which asks the container for
+// the events after the last one stored and commits them, tagged with their
+// run and sequence number, before the feed reads and fans them out. Watch
+// keeps every agent the container reports running active
+// (poll.Scheduler.Hold), watched or not, so late joiners find its whole
+// history; it lets go once the agent's agent.exited is stored.
 //
 // A relay is the one writer of its agents' upstream events in this
 // process: pulls of one agent never overlap, and each run's cursor is read
-// back from the store, so nothing is stored twice across restarts (the
-// store's unique index on run and sequence is the backstop).
+// back from the store, so nothing is stored twice across restarts. Relays
+// of other instances may pull the same container into the same database:
+// the store skips relayed events already stored (see model.Store.Append),
+// so each is stored once, by whichever commits it first.
 type Relay struct {
 	client *container.Client
 	store  *model.Store
