@@ -12,7 +12,6 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -408,11 +407,11 @@ func TestDashboardFallsBackToSSE(t *testing.T) {
 	}
 }
 
-// restartable is a server on a fixed address and data directory that a
+// restartable is a server on a fixed address and database that a
 // test can stop and start again.
 type restartable struct {
 	t      *testing.T
-	dir    string
+	dsn    string
 	addr   string
 	secret []byte
 	stop   func()
@@ -420,7 +419,7 @@ type restartable struct {
 
 func (r *restartable) start() {
 	r.t.Helper()
-	store, err := model.Open(context.Background(), filepath.Join(r.dir, "agentstream.db"), model.Options{})
+	store, err := model.Open(context.Background(), r.dsn, model.Options{})
 	if err != nil {
 		r.t.Fatal(err)
 	}
@@ -463,7 +462,7 @@ func (r *restartable) start() {
 // reconnects by itself and shows every event exactly once.
 func TestDashboardSurvivesRestart(t *testing.T) {
 	ctx := browser(t)
-	r := &restartable{t: t, dir: t.TempDir(), secret: []byte(strings.Repeat("k", 32))}
+	r := &restartable{t: t, dsn: current.DSN(t), secret: []byte(strings.Repeat("k", 32))}
 	r.start()
 	t.Cleanup(func() { r.stop() })
 	auth, _ := NewAuth(r.secret)
@@ -493,7 +492,7 @@ func TestDashboardSurvivesRestart(t *testing.T) {
 	r.stop()
 	waitJS(t, ctx, "the page to notice", `document.querySelector("#status").dataset.state !== "live"`)
 	// Written while the server is down, straight into its database.
-	store, err := model.Open(context.Background(), filepath.Join(r.dir, "agentstream.db"), model.Options{})
+	store, err := model.Open(context.Background(), r.dsn, model.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,44 +1,40 @@
 package server
 
 import (
-	"context"
-	"fmt"
 	"os"
 	"testing"
 
 	"github.com/agentstream/agentstream/model/pgtest"
 )
 
-// pg is the package's PostgreSQL cluster, or nil where there is none
-// (then pgSkip says why).
-var (
-	pg     *pgtest.Cluster
-	pgSkip error
-)
+// current is the backend of this run of the tests: TestMain runs the
+// package's tests once on SQLite and once on PostgreSQL.
+var current pgtest.Backend
 
-func TestMain(m *testing.M) {
-	pg, pgSkip = pgtest.Start()
-	code := m.Run()
-	if pg != nil {
-		pg.Stop()
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(pgtest.RunEach(m, &current)) }
 
-// pgDSN returns a fresh PostgreSQL database for the test, or skips it (in
-// CI, fails it) when no cluster could start.
+// pgDSN returns a fresh PostgreSQL database for a test of what only
+// PostgreSQL does (several instances on one database), or skips the test
+// on the SQLite run.
 func pgDSN(t testing.TB) string {
 	t.Helper()
-	if pg == nil {
-		if fail, msg := pgtest.Skip(pgSkip); fail {
-			t.Fatal(msg)
-		} else {
-			t.Skip(msg)
-		}
+	onlyPostgres(t)
+	return current.DSN(t)
+}
+
+// onlyPostgres skips a test on the SQLite run.
+func onlyPostgres(t testing.TB) {
+	t.Helper()
+	if current.Cluster == nil {
+		t.Skipf("PostgreSQL only; backend %s", current.Name)
 	}
-	dsn, err := pg.NewDatabase(context.Background())
-	if err != nil {
-		t.Fatal(fmt.Errorf("new database: %w", err))
+}
+
+// onlySQLite skips a test of what only SQLite has (a data file) on the
+// PostgreSQL run.
+func onlySQLite(t testing.TB) {
+	t.Helper()
+	if current.Name != "sqlite" {
+		t.Skipf("SQLite only; backend %s", current.Name)
 	}
-	return dsn
 }

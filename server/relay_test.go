@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -33,9 +34,11 @@ type upstreamEnv struct {
 	c        *container.Container
 	client   *container.Client
 	dir      string
+	db       string // the PostgreSQL database on that run; "" on SQLite (in dir)
 	addr     string
 	secret   string
 	interval time.Duration
+	log      *slog.Logger // the instances' log; default: discarded
 	stop     func()
 }
 
@@ -47,6 +50,10 @@ func newUpstreamEnv(t *testing.T, copts container.Options) *upstreamEnv {
 	e := &upstreamEnv{
 		t: t, c: c, client: &container.Client{URL: cs.URL, Secret: relaySecret},
 		dir: t.TempDir(), addr: "127.0.0.1:0", secret: strings.Repeat("s", 32), interval: 50 * time.Millisecond,
+		log: slog.New(slog.DiscardHandler),
+	}
+	if current.Cluster != nil {
+		e.db = current.DSN(t)
 	}
 	t.Cleanup(func() {
 		if e.stop != nil {
@@ -60,31 +67,38 @@ func newUpstreamEnv(t *testing.T, copts container.Options) *upstreamEnv {
 	return e
 }
 
-// serve starts agentstream serve --upstream; stop ends it as SIGTERM would.
-func (e *upstreamEnv) serve() {
+// serve starts agentstream serve --upstream on e.addr; stop ends it as
+// SIGTERM would.
+func (e *upstreamEnv) serve() { e.addr, e.stop = e.start(e.addr) }
+
+// start starts an instance of serve --upstream on addr and returns its
+// address and what stops it.
+func (e *upstreamEnv) start(addr string) (string, func()) {
 	e.t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	ready := make(chan net.Addr, 1)
 	done := make(chan error, 1)
 	go func() {
 		done <- Serve(ctx, Config{
-			Addr: e.addr, DataDir: e.dir, Secret: e.secret, PollInterval: e.interval,
+			Addr: addr, DataDir: e.dir, DB: e.db, Secret: e.secret, PollInterval: e.interval,
 			Upstream: e.client.URL, UpstreamSecret: relaySecret, UpstreamTown: "t1", UpstreamRig: "r1",
-			Log: slog.New(slog.DiscardHandler), Ready: func(a net.Addr) { ready <- a },
+			Log: e.log, Ready: func(a net.Addr) { ready <- a },
 		})
 	}()
 	select {
 	case a := <-ready:
-		e.addr = a.String()
+		addr = a.String()
 	case err := <-done:
 		e.t.Fatalf("serve: %v", err)
 	}
-	e.stop = func() {
-		cancel()
-		if err := <-done; err != nil {
-			e.t.Errorf("serve: %v", err)
-		}
-		e.stop = nil
+	var once sync.Once
+	return addr, func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				e.t.Errorf("serve: %v", err)
+			}
+		})
 	}
 }
 
@@ -365,7 +379,7 @@ func TestRelayHonoursRetryAfter(t *testing.T) {
 		w.Write([]byte(`{"error":{"code":"busy","message":"later"}}`))
 	}))
 	defer front.Close()
-	store, err := model.Open(context.Background(), filepath.Join(t.TempDir(), "a.db"), model.Options{})
+	store, err := model.Open(context.Background(), current.DSN(t), model.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -387,4 +401,32 @@ func TestRelayHonoursRetryAfter(t *testing.T) {
 	if n := calls.Load(); n != 1 {
 		t.Fatalf("the container was asked %d times; after its Retry-After, once", n)
 	}
+}
+
+// errorLog is a slog.Handler that keeps the ERROR records it is given.
+type errorLog struct {
+	mu   sync.Mutex
+	msgs []string
+}
+
+func (l *errorLog) Enabled(_ context.Context, lv slog.Level) bool { return lv >= slog.LevelError }
+func (l *errorLog) WithAttrs([]slog.Attr) slog.Handler            { return l }
+func (l *errorLog) WithGroup(string) slog.Handler                 { return l }
+
+func (l *errorLog) Handle(_ context.Context, r slog.Record) error {
+	msg := r.Message
+	r.Attrs(func(a slog.Attr) bool {
+		msg += " " + a.String()
+		return true
+	})
+	l.mu.Lock()
+	l.msgs = append(l.msgs, msg)
+	l.mu.Unlock()
+	return nil
+}
+
+func (l *errorLog) records() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.msgs)
 }

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"log/slog"
 	"slices"
 	"sync"
 	"testing"
@@ -8,6 +9,7 @@ import (
 
 	"github.com/agentstream/agentstream/model"
 	"github.com/agentstream/agentstream/poll"
+	"github.com/agentstream/agentstream/server/container"
 )
 
 // twoInstances is two servers on one PostgreSQL database. Their feeds poll
@@ -104,3 +106,37 @@ func TestResumeOnOtherInstance(t *testing.T) {
 func pollHourly() poll.Options { return poll.Options{Interval: time.Hour} }
 
 func zeroStore() model.Options { return model.Options{} }
+
+// TestTwoRelaysStoreOnce: two instances on one PostgreSQL database, both
+// with --upstream to the same container, pull the same agents at once;
+// each agent's events are stored once each, in order, and both instances
+// serve them. Neither logs an error: an event the other instance stored
+// first is no failure.
+func TestTwoRelaysStoreOnce(t *testing.T) {
+	onlyPostgres(t)
+	e := newUpstreamEnv(t, container.Options{})
+	e.interval = 10 * time.Millisecond // both pull at every tick: they clash often
+	var errs errorLog
+	e.log = slog.New(&errs)
+	e.serve()
+	other, stop := e.start("127.0.0.1:0")
+	defer stop()
+	agents := []string{"a1", "a2", "a3"}
+	for _, id := range agents {
+		e.startAgent(id, "sh", testScript(t, "paced.sh"), "100", "0.002")
+	}
+	first := e.addr
+	for _, id := range agents {
+		waitUntil(t, id+" stored to its exit", func() bool {
+			evs := e.stored(id)
+			return len(evs) > 0 && evs[len(evs)-1].Type == model.TypeExited
+		})
+		checkRelayed(t, e.stored(id), 100, "completed")
+		e.addr = other
+		checkRelayed(t, e.stored(id), 100, "completed")
+		e.addr = first
+	}
+	if got := errs.records(); len(got) > 0 {
+		t.Fatalf("%d errors logged, first: %s", len(got), got[0])
+	}
+}

@@ -23,7 +23,7 @@ import (
 type Config struct {
 	Addr    string // listen address, e.g. 127.0.0.1:8080 (port 0 picks one)
 	DataDir string // holds the SQLite file and the generated secret
-	DB      string // "sqlite:PATH"; default sqlite:DataDir/agentstream.db
+	DB      string // "sqlite:PATH" or "postgres://..."; default sqlite:DataDir/agentstream.db
 	Secret  string // AGENTSTREAM_SECRET; empty: the one in DataDir
 	// SecretFile holds the signing secret instead (--secret-file), for
 	// instances that share one; it wins over Secret and DataDir.

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -106,44 +105,36 @@ func benchPost(b *testing.B, client *http.Client, e *testEnv, body []byte, key s
 	}
 }
 
-// BenchmarkIngestBackends: the same ingest on SQLite and on PostgreSQL
-// (the package's test cluster, run without fsync: this compares the
-// stores' paths, not the disks), through the real HTTP server: batches
-// of 100 from 8 clients, and single-event posts from 32.
-func BenchmarkIngestBackends(b *testing.B) {
+// BenchmarkIngest: ingest through the real HTTP server, batches of 100
+// from 8 clients and single-event posts from 32, named by backend: the
+// package's benchmarks run on SQLite, then on PostgreSQL (the package's
+// test cluster, run without fsync: this compares the stores' paths, not
+// the disks), so one run gives both.
+func BenchmarkIngest(b *testing.B) {
 	evs := make([]string, 100)
 	for i := range evs {
 		evs[i] = `{"type":"message.part.updated","data":{"part":{"type":"text","text":"Running the tests"},"delta":" tests"}}`
 	}
 	batch := []byte(`{"events":[` + strings.Join(evs, ",") + `]}`)
 	single := []byte(evs[0])
-	backends := []struct {
-		name string
-		dsn  func(b *testing.B) string
-	}{
-		{"sqlite", func(b *testing.B) string { return filepath.Join(b.TempDir(), "agentstream.db") }},
-		{"postgres", func(b *testing.B) string { return pgDSN(b) }},
-	}
-	for _, be := range backends {
-		for _, w := range []struct {
-			name    string
-			body    []byte
-			n, para int
-		}{{"batch100", batch, 100, 4}, {"single", single, 1, 16}} {
-			b.Run(be.name+"/"+w.name, func(b *testing.B) {
-				e := newEnvOn(b, be.dsn(b), Options{Limits: unlimited}, model.Options{}, poll.Options{})
-				tr := &http.Transport{MaxIdleConnsPerHost: 64}
-				defer tr.CloseIdleConnections()
-				client := &http.Client{Transport: tr}
-				b.SetParallelism(w.para)
-				b.ResetTimer()
-				b.RunParallel(func(pb *testing.PB) {
-					for pb.Next() {
-						benchPost(b, client, e, w.body, "")
-					}
-				})
-				b.ReportMetric(float64(b.N*w.n)/b.Elapsed().Seconds(), "events/s")
+	for _, w := range []struct {
+		name    string
+		body    []byte
+		n, para int
+	}{{"batch100", batch, 100, 4}, {"single", single, 1, 16}} {
+		b.Run(current.Name+"/"+w.name, func(b *testing.B) {
+			e := newEnvOn(b, current.DSN(b), Options{Limits: unlimited}, model.Options{}, poll.Options{})
+			tr := &http.Transport{MaxIdleConnsPerHost: 64}
+			defer tr.CloseIdleConnections()
+			client := &http.Client{Transport: tr}
+			b.SetParallelism(w.para)
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					benchPost(b, client, e, w.body, "")
+				}
 			})
-		}
+			b.ReportMetric(float64(b.N*w.n)/b.Elapsed().Seconds(), "events/s")
+		})
 	}
 }

@@ -10,7 +10,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -55,7 +54,7 @@ func newEnvWith(t testing.TB, opts Options, sopts model.Options) *testEnv {
 // goroutine of its own (the fallback on systems without epoll, and on TLS).
 func newEnvNoPoller(t testing.TB, opts Options, sopts model.Options) *testEnv {
 	t.Helper()
-	return newEnvOn(t, filepath.Join(t.TempDir(), "agentstream.db"), opts, sopts, poll.Options{})
+	return newEnvOn(t, current.DSN(t), opts, sopts, poll.Options{})
 }
 
 // newEnvOn is a server on the database dsn (a SQLite path, or a

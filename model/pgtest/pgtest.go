@@ -11,12 +11,14 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"flag"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -226,16 +228,42 @@ func Skip(err error) (fail bool, msg string) {
 type Backend struct {
 	Name string
 	DSN  func(t testing.TB) string
+	// Cluster is the PostgreSQL server behind DSN; nil on SQLite. Tests
+	// of several instances on one database, or of a database restart,
+	// use it.
+	Cluster *Cluster
 }
+
+// BackendsEnv names the environment variable that narrows RunEach to some
+// backends: a comma-separated list of names ("sqlite", "postgres"). Unset
+// or empty means all of them.
+const BackendsEnv = "AGENTSTREAM_TEST_BACKENDS"
 
 // RunEach runs a package's tests once per backend — SQLite, then
 // PostgreSQL on a cluster of its own — with *current set to the backend
 // of the run, and returns the exit code for os.Exit. Without PostgreSQL
-// it runs SQLite only, or fails in CI (see Skip).
+// it runs SQLite only, or fails in CI (see Skip). BackendsEnv narrows
+// the list. Fuzzing runs on SQLite only: the fuzzed parsers never reach
+// the database, and each fuzz worker process would start a cluster.
 func RunEach(m *testing.M, current *Backend) int {
-	backends := []Backend{{Name: "sqlite", DSN: func(t testing.TB) string {
-		return filepath.Join(t.TempDir(), "agentstream.db")
-	}}}
+	flag.Parse()
+	fuzzing := flag.Lookup("test.fuzz").Value.String() != "" || flag.Lookup("test.fuzzworker").Value.String() == "true"
+	want := func(name string) bool {
+		if fuzzing {
+			return name == "sqlite"
+		}
+		list := os.Getenv(BackendsEnv)
+		return list == "" || slices.Contains(strings.Split(list, ","), name)
+	}
+	var backends []Backend
+	if want("sqlite") {
+		backends = append(backends, Backend{Name: "sqlite", DSN: func(t testing.TB) string {
+			return filepath.Join(t.TempDir(), "agentstream.db")
+		}})
+	}
+	if !want("postgres") {
+		return runAll(m, current, backends)
+	}
 	cluster, err := Start()
 	if err != nil {
 		fail, msg := Skip(err)
@@ -245,13 +273,21 @@ func RunEach(m *testing.M, current *Backend) int {
 		}
 	} else {
 		defer cluster.Stop()
-		backends = append(backends, Backend{Name: "postgres", DSN: func(t testing.TB) string {
+		backends = append(backends, Backend{Name: "postgres", Cluster: cluster, DSN: func(t testing.TB) string {
 			dsn, err := cluster.NewDatabase(context.Background())
 			if err != nil {
 				t.Fatal(err)
 			}
 			return dsn
 		}})
+	}
+	return runAll(m, current, backends)
+}
+
+func runAll(m *testing.M, current *Backend, backends []Backend) int {
+	if len(backends) == 0 {
+		fmt.Fprintf(os.Stderr, "%s=%q names no backend: use sqlite, postgres or both\n", BackendsEnv, os.Getenv(BackendsEnv))
+		return 2
 	}
 	code := 0
 	for _, b := range backends {
