@@ -118,13 +118,17 @@ func (e *Event) UnmarshalJSON(b []byte) error {
 }
 
 // AgentKey names one agent's stream. Rig may be empty, meaning any rig of the
-// town; Town and Agent are always set, so that one town never reads another's
-// events even when agent ids collide.
+// town. Town is always set, so that one town never reads another's events
+// even when agent ids collide. Agent empty names the whole town: every
+// event of every agent of the town, in id order (a town stream).
 type AgentKey struct {
 	Town  string
 	Rig   string
 	Agent string
 }
+
+// IsTown reports whether k names a whole town rather than one agent.
+func (k AgentKey) IsTown() bool { return k.Agent == "" }
 
 // AgentSummary is what the agent list shows: an agent and its latest event.
 type AgentSummary struct {

@@ -76,6 +76,17 @@ func migrations() *migrate.Migrations {
 			return err
 		},
 	})
+	ms.Add(migrate.Migration{
+		Name:    "20261128000007",
+		Comment: "agent_events (town_id, id): the town stream",
+		Up: func(ctx context.Context, m *migrate.Migrator, _ *migrate.Migration) error {
+			// A town stream reads every agent of a town after a cursor, in
+			// id order: this index makes that a range scan.
+			_, err := m.DB().NewCreateIndex().Model((*Event)(nil)).Index("agent_events_town_id").
+				IfNotExists().Column("town_id", "id").Exec(ctx)
+			return err
+		},
+	})
 	return ms
 }
 

@@ -643,14 +643,24 @@ func (s *Store) OnCommit(fn func(events []Event)) {
 	s.onCommit.Store(&fn)
 }
 
-// Latest returns the newest id of an agent, or 0 if it has no events.
-func (s *Store) Latest(ctx context.Context, k AgentKey) (int64, error) {
-	var id sql.NullInt64
-	q := s.db.NewSelect().Model((*Event)(nil)).ColumnExpr("MAX(id)").
-		Where("agent_id = ?", k.Agent).Where("town_id = ?", k.Town)
+// whereKey limits q to the events of k: one agent, or a whole town when k
+// has no agent, and one rig when k names it.
+func whereKey(q *bun.SelectQuery, k AgentKey) *bun.SelectQuery {
+	q = q.Where("town_id = ?", k.Town)
+	if !k.IsTown() {
+		q = q.Where("agent_id = ?", k.Agent)
+	}
 	if k.Rig != "" {
 		q = q.Where("rig_id = ?", k.Rig)
 	}
+	return q
+}
+
+// Latest returns the newest id of an agent (or town), or 0 if it has no
+// events.
+func (s *Store) Latest(ctx context.Context, k AgentKey) (int64, error) {
+	var id sql.NullInt64
+	q := whereKey(s.db.NewSelect().Model((*Event)(nil)).ColumnExpr("MAX(id)"), k)
 	if err := q.Scan(ctx, &id); err != nil {
 		return 0, fmt.Errorf("latest event of %s: %w", k.Agent, err)
 	}
@@ -685,18 +695,12 @@ func (s *Store) Last(ctx context.Context, k AgentKey) (*Event, error) {
 	return &evs[0], nil
 }
 
-// After returns up to limit events of one agent with id > afterID, in id order.
+// After returns up to limit events of one agent (or town) with id >
+// afterID, in id order.
 func (s *Store) After(ctx context.Context, k AgentKey, afterID int64, limit int) ([]Event, error) {
 	evs := make([]Event, 0, min(limit, 256))
-	q := s.db.NewSelect().Model(&evs).
-		Where("agent_id = ?", k.Agent).
-		Where("id > ?", afterID).
-		Where("town_id = ?", k.Town).
-		OrderExpr("id ASC").
-		Limit(int64(limit))
-	if k.Rig != "" {
-		q = q.Where("rig_id = ?", k.Rig)
-	}
+	q := whereKey(s.db.NewSelect().Model(&evs), k).Where("id > ?", afterID).
+		OrderExpr("id ASC").Limit(int64(limit))
 	if err := q.Scan(ctx); err != nil && !errors.Is(err, sql.ErrNoRows) {
 		return nil, fmt.Errorf("read events of %s: %w", k.Agent, err)
 	}
@@ -712,12 +716,8 @@ func (s *Store) AfterBytes(ctx context.Context, k AgentKey, afterID int64, limit
 		ID   int64 `bun:"id"`
 		Size int64 `bun:"size"`
 	}
-	q := s.db.NewSelect().Model((*Event)(nil)).Column("id").ColumnExpr("LENGTH(data) AS size").
-		Where("town_id = ?", k.Town).Where("agent_id = ?", k.Agent).Where("id > ?", afterID).
-		OrderExpr("id ASC").Limit(int64(limit))
-	if k.Rig != "" {
-		q = q.Where("rig_id = ?", k.Rig)
-	}
+	q := whereKey(s.db.NewSelect().Model((*Event)(nil)).Column("id").ColumnExpr("LENGTH(data) AS size"), k).
+		Where("id > ?", afterID).OrderExpr("id ASC").Limit(int64(limit))
 	if err := q.Scan(ctx, &sizes); err != nil && !errors.Is(err, sql.ErrNoRows) {
 		return nil, fmt.Errorf("read event sizes of %s: %w", k.Agent, err)
 	}
@@ -902,6 +902,19 @@ func (s *Store) PrunedThrough(ctx context.Context, k AgentKey) (int64, error) {
 		return 0, fmt.Errorf("prune mark of %s: %w", k.Agent, err)
 	}
 	return m.PrunedThrough, nil
+}
+
+// PrunedAfter lists the agents of town whose retention has deleted events
+// with ids above afterID, each with the id through which it has: a town
+// stream at cursor afterID has missed those agents' events up to there.
+func (s *Store) PrunedAfter(ctx context.Context, town string, afterID int64) ([]PruneMark, error) {
+	var marks []PruneMark
+	err := s.db.NewSelect().Model(&marks).Where("town_id = ?", town).Where("pruned_through > ?", afterID).
+		OrderExpr("agent_id").Scan(ctx)
+	if err != nil && !errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("prune marks of %s: %w", town, err)
+	}
+	return marks, nil
 }
 
 // Oldest returns the smallest id still held for an agent, or 0 if none.

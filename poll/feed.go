@@ -101,6 +101,11 @@ func (f *feed) run() {
 		}
 	}
 	up := f.s.opts.Upstream
+	if f.key.IsTown() {
+		// The agents' own feeds pull (the relay holds one per running
+		// agent); their commits poke this one.
+		up = nil
+	}
 	var pullC <-chan time.Time // nil, so never ready, without an upstream
 	var pullT *time.Timer
 	if up != nil {

@@ -58,6 +58,15 @@ type BoundedSource interface {
 	AfterBytes(ctx context.Context, k model.AgentKey, afterID int64, limit int, maxBytes int64) ([]model.Event, error)
 }
 
+// TownSource is a Source that serves town feeds: keys with no agent, which
+// follow every agent of a town in id order. Retention prunes each agent on
+// its own, so what a town subscriber has missed is told per agent.
+type TownSource interface {
+	// PrunedAfter lists the agents of town whose events with ids above
+	// afterID retention has deleted, each with the id it deleted through.
+	PrunedAfter(ctx context.Context, town string, afterID int64) ([]model.PruneMark, error)
+}
+
 // ErrClosed is returned by Subscription.Next after the scheduler is closed.
 var ErrClosed = errors.New("poll: scheduler closed")
 
@@ -138,8 +147,8 @@ func feedKey(k model.AgentKey) model.AgentKey {
 	return model.AgentKey{Town: k.Town, Agent: k.Agent}
 }
 
-// Notify tells the feeds of these events' agents to poll now. It never
-// blocks; call it from the store's commit hook.
+// Notify tells the feeds of these events' agents, and of their towns, to
+// poll now. It never blocks; call it from the store's commit hook.
 func (s *Scheduler) Notify(events []model.Event) {
 	var last model.AgentKey
 	s.mu.RLock()
@@ -149,15 +158,23 @@ func (s *Scheduler) Notify(events []model.Event) {
 		if i > 0 && k == last {
 			continue
 		}
-		last = k
-		if f := s.feeds[k]; f != nil {
-			f.poke()
+		if i == 0 || k.Town != last.Town {
+			s.pokeLocked(model.AgentKey{Town: k.Town})
 		}
+		last = k
+		s.pokeLocked(k)
 	}
 }
 
-// NotifyKeys tells the feeds of these agents to poll now; nil means every
-// feed. It is for commits made elsewhere (another instance on a shared
+// pokeLocked pokes k's feed if it runs. Called with s.mu held.
+func (s *Scheduler) pokeLocked(k model.AgentKey) {
+	if f := s.feeds[k]; f != nil {
+		f.poke()
+	}
+}
+
+// NotifyKeys tells the feeds of these agents, and of their towns, to poll
+// now; nil means every feed. It is for commits made elsewhere (another instance on a shared
 // database, heard through model.Store.Listen). It never blocks.
 func (s *Scheduler) NotifyKeys(keys []model.AgentKey) {
 	s.mu.RLock()
@@ -169,9 +186,8 @@ func (s *Scheduler) NotifyKeys(keys []model.AgentKey) {
 		return
 	}
 	for _, k := range keys {
-		if f := s.feeds[feedKey(k)]; f != nil {
-			f.poke()
-		}
+		s.pokeLocked(feedKey(k))
+		s.pokeLocked(model.AgentKey{Town: k.Town})
 	}
 }
 
@@ -186,8 +202,11 @@ func (s *Scheduler) PullNow(k model.AgentKey) {
 	}
 }
 
-// Subscribe returns a subscription to every event of k with id > afterID.
-// It ends when ctx does or when Close is called.
+// Subscribe returns a subscription to every event of k with id > afterID:
+// of one agent, or of a whole town when k has no agent (the Source must
+// then be a TownSource, for gaps). It ends when ctx does or when Close is
+// called. A town has one feed, shared by all its subscribers, as an agent
+// has.
 func (s *Scheduler) Subscribe(ctx context.Context, k model.AgentKey, afterID int64) (*Subscription, error) {
 	return s.SubscribeFunc(ctx, k, afterID, nil)
 }

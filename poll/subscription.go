@@ -12,12 +12,21 @@ import (
 // GapError is returned by Next when events after the subscriber's cursor
 // were pruned from the Source before it could read them. The subscription
 // goes on after Through; the caller tells its client, never loses silently.
+//
+// On a town subscription a gap is one agent's: Agent names it, and only
+// that agent's events after After through Through are gone; the cursor
+// does not move. A town gap with no Agent (events the feed fanned out, all
+// gone from the Source before a catch-up read them) is the whole town's.
 type GapError struct {
-	After   int64 // the cursor the subscriber had
-	Through int64 // events up to this id are gone
+	Agent   string // on a town subscription: the agent whose events are gone
+	After   int64  // the cursor the subscriber had
+	Through int64  // events up to this id are gone
 }
 
 func (e *GapError) Error() string {
+	if e.Agent != "" {
+		return fmt.Sprintf("poll: events of %s after %d through %d were pruned before delivery", e.Agent, e.After, e.Through)
+	}
 	return fmt.Sprintf("poll: events after %d through %d were pruned before delivery", e.After, e.Through)
 }
 
@@ -44,6 +53,11 @@ type Subscription struct {
 	catching bool  // not on the live path: reading ring or Source
 	batch    int64 // the cost of the batch last returned
 	pending  *Item // taken from q, left for the next batch; counted in held
+	// On a town subscription: the agents' gaps found and not yet returned,
+	// and for each agent the id through which its loss has been told, so
+	// that it is told once.
+	gaps []*GapError
+	told map[string]int64
 }
 
 func (s *Subscription) wakeUp() {
@@ -216,15 +230,22 @@ func (s *Subscription) catchUp(ctx context.Context, buf []*Item, max int) (_ []*
 	}
 
 	f.s.Metrics.catchups.Inc()
-	pruned, err := f.s.src.PrunedThrough(ctx, f.key)
-	if err != nil {
-		return buf, false, fmt.Errorf("catch up %s after %d: %w", f.key.Agent, s.cursor, err)
+	if f.key.IsTown() {
+		if err := s.townGap(ctx); err != nil {
+			return buf, false, err
+		}
+	} else {
+		pruned, err := f.s.src.PrunedThrough(ctx, f.key)
+		if err != nil {
+			return buf, false, fmt.Errorf("catch up %s after %d: %w", f.key.Agent, s.cursor, err)
+		}
+		if s.cursor < pruned {
+			gap := &GapError{After: s.cursor, Through: pruned}
+			s.cursor = pruned
+			return buf, false, gap
+		}
 	}
-	if s.cursor < pruned {
-		gap := &GapError{After: s.cursor, Through: pruned}
-		s.cursor = pruned
-		return buf, false, gap
-	}
+	var err error
 	var evs []model.Event
 	if bs, ok := f.s.src.(BoundedSource); ok {
 		evs, err = bs.AfterBytes(ctx, f.key, s.cursor, min(max, f.s.opts.PageSize), budget/2)
@@ -252,6 +273,41 @@ func (s *Subscription) catchUp(ctx context.Context, buf []*Item, max int) (_ []*
 	buf = itemsFor(buf, evs)
 	s.cursor = evs[len(evs)-1].ID
 	return buf, false, nil
+}
+
+// townGap finds, before a town subscriber reads the Source after its
+// cursor, the agents whose events after it retention has deleted, and
+// returns the first loss not told yet as a *GapError (the others wait in
+// s.gaps for the next calls), or a Source error. Each agent's loss is told once, before any
+// of its events that remain: the cursor stays, since the town's other
+// agents have lost nothing.
+func (s *Subscription) townGap(ctx context.Context) error {
+	if len(s.gaps) == 0 {
+		ts, ok := s.f.s.src.(TownSource)
+		if !ok {
+			return nil
+		}
+		marks, err := ts.PrunedAfter(ctx, s.f.key.Town, s.cursor)
+		if err != nil {
+			return fmt.Errorf("catch up town %s after %d: %w", s.f.key.Town, s.cursor, err)
+		}
+		for _, m := range marks {
+			if m.PrunedThrough <= s.told[m.AgentID] {
+				continue
+			}
+			if s.told == nil {
+				s.told = make(map[string]int64)
+			}
+			s.told[m.AgentID] = m.PrunedThrough
+			s.gaps = append(s.gaps, &GapError{Agent: m.AgentID, After: s.cursor, Through: m.PrunedThrough})
+		}
+	}
+	if len(s.gaps) == 0 {
+		return nil
+	}
+	gap := s.gaps[0]
+	s.gaps = s.gaps[1:]
+	return gap
 }
 
 // Close ends the subscription; the last one of an agent stops its feed.

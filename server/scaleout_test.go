@@ -140,3 +140,40 @@ func TestTwoRelaysStoreOnce(t *testing.T) {
 		t.Fatalf("%d errors logged, first: %s", len(got), got[0])
 	}
 }
+
+// TestTownStreamAcrossInstances: agents of one town post to instance A
+// and to instance B at once, while a watcher follows the town's stream on
+// B, then resumes it on A: it gets every event of the town once, in id
+// order (the per-town lock orders the two instances' commits).
+func TestTownStreamAcrossInstances(t *testing.T) {
+	a, b := twoInstances(t)
+	var writers sync.WaitGroup
+	for i, ta := range townAgents {
+		on := []*testEnv{a, b}[i%2]
+		tok := on.mustMintAgent("t1", ta.rig, ta.agent)
+		writers.Go(func() {
+			for j := range 40 {
+				if _, err := on.postRigAs(ta.rig, tok, steps(1+j%3)); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	c, _ := b.openTown("sse-h1", "", 0)
+	var got []int64
+	for _, m := range readMsgs(t, c, 60) {
+		got = append(got, m.ID)
+	}
+	c.Close()
+	writers.Wait()
+	want := eventIDs(a.townEvents(t))
+	c, _ = a.openTown("ws", "", got[len(got)-1])
+	defer c.Close()
+	for _, m := range readMsgs(t, c, len(want)-len(got)) {
+		got = append(got, m.ID)
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("received %d events, the town holds %d", len(got), len(want))
+	}
+}

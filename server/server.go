@@ -191,6 +191,8 @@ func (s *Server) routes() http.Handler {
 	handle("GET", "/api/towns/{townId}/agents", s.handleAgents)
 	handle("POST", "/api/towns/{townId}/container/agents/{agentId}/stream-ticket", s.handleTicket)
 	handle("GET", "/api/towns/{townId}/container/agents/{agentId}/stream", s.handleStream)
+	handle("POST", "/api/towns/{townId}/stream-ticket", s.handleTicket)
+	handle("GET", "/api/towns/{townId}/stream", s.handleStream)
 	handle("GET", "/healthz", s.handleHealthz)
 	handle("GET", "/readyz", s.handleReadyz)
 	handle("GET", "/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}).ServeHTTP)

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -33,6 +34,7 @@ type testEnv struct {
 	client *http.Client
 	agent  string // token of agent a1, rig r1, town t1
 	viewer string // viewer of town t1
+	stop   func() // shuts the server down, as at the test's end; once
 }
 
 func newEnv(t testing.TB) *testEnv { return newEnvWith(t, Options{}, model.Options{}) }
@@ -89,7 +91,7 @@ func newEnvOn(t testing.TB, dsn string, opts Options, sopts model.Options, popts
 	hs := newHTTPServer(api, opts.Log, 0, 0)
 	go hs.Serve(ln)
 	tr := &http.Transport{MaxIdleConnsPerHost: 64}
-	t.Cleanup(func() {
+	stop := sync.OnceFunc(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		api.Drain(ctx)
@@ -100,7 +102,8 @@ func newEnvOn(t testing.TB, dsn string, opts Options, sopts model.Options, popts
 		sched.Close()
 		store.Close()
 	})
-	e := &testEnv{t: t, store: store, sched: sched, auth: auth, api: api,
+	t.Cleanup(stop)
+	e := &testEnv{t: t, store: store, sched: sched, auth: auth, api: api, stop: stop,
 		base: "http://" + ln.Addr().String(), client: &http.Client{Transport: tr}}
 	e.agent = e.mustMintAgent("t1", "r1", "a1")
 	e.viewer, err = auth.MintViewer("t1", time.Hour)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -29,13 +30,16 @@ var errInvalidTicket = errorf(http.StatusUnauthorized, "invalid_ticket",
 // maxBatch is the most events written to a client in one write.
 const maxBatch = 256
 
-// handleTicket is POST /api/towns/{townId}/container/agents/{agentId}/stream-ticket.
+// handleTicket is POST /api/towns/{townId}/container/agents/{agentId}/stream-ticket,
+// and POST /api/towns/{townId}/stream-ticket for the town's stream: a
+// ticket opens only the stream it was asked for.
 func (s *Server) handleTicket(w http.ResponseWriter, r *http.Request) {
-	town, agent := r.PathValue("townId"), r.PathValue("agentId")
-	if aerr := checkIDs("town", town, "agent", agent); aerr != nil {
+	key, aerr := streamKey(r)
+	if aerr != nil {
 		writeError(w, aerr)
 		return
 	}
+	town, agent := key.Town, key.Agent
 	if aerr := s.viewerOf(r, town); aerr != nil {
 		writeError(w, aerr)
 		return
@@ -56,6 +60,9 @@ func (s *Server) handleTicket(w http.ResponseWriter, r *http.Request) {
 	// origin it already trusts.
 	path := fmt.Sprintf("/api/towns/%s/container/agents/%s/stream?ticket=%s",
 		url.PathEscape(town), url.PathEscape(agent), t.ID)
+	if key.IsTown() {
+		path = fmt.Sprintf("/api/towns/%s/stream?ticket=%s", url.PathEscape(town), t.ID)
+	}
 	writeJSON(w, http.StatusCreated, map[string]any{
 		"ticket": t.ID, "stream_path": path, "expires_at": t.ExpiresAt.Format(model.TimeFormat),
 	})
@@ -76,15 +83,34 @@ func (s *Server) viewerOf(r *http.Request, town string) *apiError {
 	return nil
 }
 
-// handleStream is GET /api/towns/{townId}/container/agents/{agentId}/stream:
-// backfill after the cursor, then live, over SSE, WebSocket or NDJSON, until
-// the agent exits, the client leaves or the server shuts down.
+// streamKey is what a stream request follows: the agent of its path, or
+// the whole town when the path names none (GET /api/towns/{townId}/stream).
+func streamKey(r *http.Request) (model.AgentKey, *apiError) {
+	k := model.AgentKey{Town: r.PathValue("townId"), Agent: r.PathValue("agentId")}
+	if k.IsTown() {
+		return k, checkIDs("town", k.Town)
+	}
+	return k, checkIDs("town", k.Town, "agent", k.Agent)
+}
+
+// handleStream is GET /api/towns/{townId}/container/agents/{agentId}/stream,
+// one agent's stream, and GET /api/towns/{townId}/stream, the town's: every
+// event of its agents in id order, which never ends by itself. Both are
+// backfill after the cursor, then live, over SSE, WebSocket or NDJSON,
+// narrowed by the request's filter, until the agent exits (an agent's
+// stream), the client leaves or the server shuts down.
 //
 // Everything that can refuse a stream is checked before its ticket is
 // redeemed, so a ticket is used up only by a stream that opens.
 func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
-	town, agent := r.PathValue("townId"), r.PathValue("agentId")
-	if aerr := checkIDs("town", town, "agent", agent); aerr != nil {
+	key, aerr := streamKey(r)
+	if aerr != nil {
+		writeError(w, aerr)
+		return
+	}
+	town, agent := key.Town, key.Agent
+	flt, aerr := parseFilter(r.URL.Query(), key.IsTown())
+	if aerr != nil {
 		writeError(w, aerr)
 		return
 	}
@@ -146,16 +172,19 @@ func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	key := model.AgentKey{Town: town, Agent: agent}
-	last, err := s.store.Last(r.Context(), key)
-	if err != nil {
-		s.storeFailed(w, r, "last", err)
-		return
+	ended := false
+	if !key.IsTown() {
+		last, err := s.store.Last(r.Context(), key)
+		if err != nil {
+			s.storeFailed(w, r, "last", err)
+			return
+		}
+		ended = last != nil && last.Type == model.TypeExited && cursor >= last.ID
 	}
-	ended := last != nil && last.Type == model.TypeExited && cursor >= last.ID
+	target := streamTarget{key: key, filter: flt}
 
 	if kind == "ws" {
-		s.detachedStream(w, r, key, cursor, ended, release, func(gone func()) (transport.Stream, error) {
+		s.detachedStream(w, r, target, cursor, ended, release, func(gone func()) (transport.Stream, error) {
 			return transport.UpgradeWS(w, r, s.streamOpts, gone)
 		})
 		release = nil
@@ -167,7 +196,7 @@ func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if r.ProtoMajor == 1 {
-		s.detachedStream(w, r, key, cursor, false, release, func(gone func()) (transport.Stream, error) {
+		s.detachedStream(w, r, target, cursor, false, release, func(gone func()) (transport.Stream, error) {
 			return transport.HijackSSE(w, r, s.streamOpts, kind == "ndjson", gone)
 		})
 		release = nil
@@ -178,6 +207,7 @@ func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 	stopOnDrain := context.AfterFunc(s.drain, cancel)
 	defer stopOnDrain()
 	var st transport.Stream
+	var err error
 	if kind == "ndjson" {
 		st, err = transport.NewNDJSON(w, r, s.streamOpts)
 	} else {
@@ -187,7 +217,14 @@ func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 		s.log.Info("stream open failed", "agent", agent, "transport", kind, "err", err)
 		return
 	}
-	s.serveStream(ctx, st, key, cursor)
+	s.serveStream(ctx, st, target, cursor)
+}
+
+// streamTarget is what a stream follows: one agent, or a whole town when
+// key has no agent, narrowed by filter.
+type streamTarget struct {
+	key    model.AgentKey
+	filter filter
 }
 
 // detachedStream serves a stream on a connection taken over from net/http
@@ -199,7 +236,7 @@ func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 // and the transport's Poller tells of the client's frames.
 // open takes the function to call when the client has gone. release is
 // called once the stream has ended, whichever way.
-func (s *Server) detachedStream(w http.ResponseWriter, r *http.Request, key model.AgentKey, cursor int64, ended bool,
+func (s *Server) detachedStream(w http.ResponseWriter, r *http.Request, tg streamTarget, cursor int64, ended bool,
 	release func(), open func(gone func()) (transport.Stream, error)) {
 	// Not r.Context(): it ends when this handler returns.
 	ctx, cancel := context.WithCancel(context.Background())
@@ -207,7 +244,7 @@ func (s *Server) detachedStream(w http.ResponseWriter, r *http.Request, key mode
 	if err != nil {
 		cancel()
 		release()
-		s.log.Info("stream open failed", "agent", key.Agent, "err", err)
+		s.log.Info("stream open failed", "town", tg.key.Town, "agent", tg.key.Agent, "err", err)
 		return
 	}
 	if ended {
@@ -219,7 +256,7 @@ func (s *Server) detachedStream(w http.ResponseWriter, r *http.Request, key mode
 	stopOnDrain := context.AfterFunc(s.drain, cancel)
 	s.streams.Add(1) // the handler's own Done follows at once
 	s.track(st, true)
-	p := s.openStream(ctx, st, key, cursor, nil, func() {
+	p := s.openStream(ctx, st, tg, cursor, nil, func() {
 		s.track(st, false)
 		stopOnDrain()
 		cancel()
@@ -233,9 +270,9 @@ func (s *Server) detachedStream(w http.ResponseWriter, r *http.Request, key mode
 
 // serveStream serves a stream on the handler's goroutine (HTTP/2, where
 // the connection is net/http's) until it ends.
-func (s *Server) serveStream(ctx context.Context, st transport.Stream, key model.AgentKey, cursor int64) {
+func (s *Server) serveStream(ctx context.Context, st transport.Stream, tg streamTarget, cursor int64) {
 	wake := make(chan struct{}, 1)
-	p := s.openStream(ctx, st, key, cursor, wake, nil)
+	p := s.openStream(ctx, st, tg, cursor, wake, nil)
 	if p == nil {
 		return
 	}
@@ -253,6 +290,7 @@ type pump struct {
 	ctx      context.Context // the stream's: ends when the client goes or the server drains
 	st       transport.Stream
 	key      model.AgentKey
+	filter   filter
 	sub      *poll.Subscription
 	start    time.Time
 	open     prometheus.Gauge
@@ -282,16 +320,16 @@ type pump struct {
 	frames    [][]byte
 }
 
-// openStream subscribes st's client to key after cursor and logs the
+// openStream subscribes st's client to tg after cursor and logs the
 // connect. When it cannot, it closes st, calls onFinish and returns nil.
 //
 // With wake set, notify sends on it, for a goroutine that waits there to
 // step; without, notify starts a goroutine, but only after the caller's
 // first run: notifies that come while the stream is being set up (a client
 // gone at once, say) are held until then.
-func (s *Server) openStream(ctx context.Context, st transport.Stream, key model.AgentKey, cursor int64,
+func (s *Server) openStream(ctx context.Context, st transport.Stream, tg streamTarget, cursor int64,
 	wake chan struct{}, onFinish func()) *pump {
-	p := &pump{s: s, ctx: ctx, st: st, key: key, cursor: cursor, start: time.Now(), wake: wake, onFinish: onFinish,
+	p := &pump{s: s, ctx: ctx, st: st, key: tg.key, filter: tg.filter, cursor: cursor, start: time.Now(), wake: wake, onFinish: onFinish,
 		open:     s.metrics.openStreams.WithLabelValues(st.Kind(), st.Proto()),
 		events:   s.metrics.eventsWritten.WithLabelValues(st.Kind()),
 		bytesOut: s.metrics.bytesWritten.WithLabelValues(st.Kind()),
@@ -301,7 +339,7 @@ func (s *Server) openStream(ctx context.Context, st transport.Stream, key model.
 		p.kick = make(chan struct{}, 1)
 	}
 	s.log.Info("stream connected", p.attrs("cursor", cursor)...)
-	sub, err := s.sched.SubscribeFunc(ctx, key, cursor, p.notify)
+	sub, err := s.sched.SubscribeFunc(ctx, tg.key, cursor, p.notify)
 	if err != nil {
 		p.reason = "server shutting down"
 		st.Close(transport.ReasonShutdown)
@@ -401,9 +439,7 @@ func (p *pump) step() (ended bool) {
 		switch {
 		case err == nil:
 		case errors.As(err, &gap):
-			first, _ := p.s.store.Oldest(p.ctx, p.key)
-			payload, _ := json.Marshal(map[string]int64{"after": gap.After, "first_id": first})
-			if err := p.st.WriteNotice("gap", payload); err != nil {
+			if err := p.writeGap(gap); err != nil {
 				return p.broken(err)
 			}
 			continue
@@ -420,8 +456,21 @@ func (p *pump) step() (ended bool) {
 		if len(p.items) == 0 {
 			break
 		}
-		if ended := p.write(p.items); ended {
-			return true
+		items, exited := p.items, false
+		if !p.key.IsTown() {
+			// An agent's stream ends with its exit, filtered out or not.
+			if i := slices.IndexFunc(items, func(it *poll.Item) bool { return it.Type == model.TypeExited }); i >= 0 {
+				items, exited = items[:i+1], true
+			}
+		}
+		// A batch the filter empties is not the end of what is ready.
+		if items = p.filter.apply(items); len(items) > 0 {
+			if ended := p.write(items); ended {
+				return true
+			}
+		}
+		if exited {
+			return p.end("agent exited", transport.ReasonEnded)
 		}
 	}
 	if p.keepalive != nil && p.kaDue.Swap(false) {
@@ -442,19 +491,14 @@ func (p *pump) step() (ended bool) {
 	return false
 }
 
-// write sends one batch; it reports whether the stream has ended.
+// write sends one batch; it reports whether the stream has ended (broken).
 func (p *pump) write(items []*poll.Item) (ended bool) {
 	frames := p.frames[:0]
-	exited := false
 	n := 0
 	for _, it := range items {
 		f := it.Encoded(poll.Format(p.format), p.encode)
 		frames = append(frames, f)
 		n += len(f)
-		if it.Type == model.TypeExited {
-			exited = true
-			break
-		}
 	}
 	err := p.st.WriteEvents(frames)
 	clear(frames)
@@ -466,11 +510,38 @@ func (p *pump) write(items []*poll.Item) (ended bool) {
 	p.cursor = items[len(frames)-1].ID
 	p.events.Add(float64(len(frames)))
 	p.bytesOut.Add(float64(n))
-	if exited {
-		return p.end("agent exited", transport.ReasonEnded)
-	}
 	p.lastWrite = time.Now()
 	return false
+}
+
+// writeGap tells the client that events after its cursor were pruned
+// before it could read them: {"after", "first_id"}, the oldest id still
+// held, and on a town stream "agent", the one agent whose events are gone
+// (the notice comes before any of that agent's remaining events). A gap of
+// an agent the filter leaves out is not told.
+func (p *pump) writeGap(gap *poll.GapError) error {
+	notice := struct {
+		Agent   string `json:"agent,omitempty"`
+		After   int64  `json:"after"`
+		FirstID int64  `json:"first_id"`
+	}{Agent: gap.Agent, After: gap.After}
+	k := p.key
+	if gap.Agent != "" {
+		k.Agent = gap.Agent
+		rig := ""
+		if len(p.filter.rigs) > 0 {
+			var err error
+			if rig, err = p.s.store.Rig(p.ctx, k); err != nil {
+				rig = p.filter.rigs[0] // unknown: tell rather than stay silent
+			}
+		}
+		if !p.filter.agentPasses(rig, gap.Agent) {
+			return nil
+		}
+	}
+	notice.FirstID, _ = p.s.store.Oldest(p.ctx, k)
+	payload, _ := json.Marshal(notice)
+	return p.st.WriteNotice("gap", payload)
 }
 
 // broken ends a stream whose write failed: the client is gone or not

@@ -18,8 +18,11 @@ import (
 
 // postAs posts events for an agent of rig r1 and returns their ids; it is
 // safe from any goroutine.
-func (e *testEnv) postAs(token, body string) ([]int64, error) {
-	req, _ := http.NewRequest("POST", e.base+"/api/rigs/r1/agent-events", strings.NewReader(body))
+func (e *testEnv) postAs(token, body string) ([]int64, error) { return e.postRigAs("r1", token, body) }
+
+// postRigAs is postAs for an agent of rig.
+func (e *testEnv) postRigAs(rig, token, body string) ([]int64, error) {
+	req, _ := http.NewRequest("POST", e.base+"/api/rigs/"+rig+"/agent-events", strings.NewReader(body))
 	req.Header.Set("Authorization", "Bearer "+token)
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := e.client.Do(req)

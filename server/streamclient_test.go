@@ -28,6 +28,9 @@ import (
 type msg struct {
 	ID      int64  `json:"id"`
 	Type    string `json:"type"`
+	RigID   string `json:"rig_id"`
+	AgentID string `json:"agent_id"`
+	Agent   string `json:"agent"` // a town stream's gap notice: whose events
 	Notice  string `json:"notice"`
 	After   int64  `json:"after"`
 	FirstID int64  `json:"first_id"`
@@ -95,6 +98,29 @@ func (e *testEnv) ticket(agent string) string {
 		e.t.Fatalf("ticket: %d %v", code, v)
 	}
 	return v["stream_path"].(string)
+}
+
+// townTicket asks for a ticket of town t1's stream and returns its
+// stream_path.
+func (e *testEnv) townTicket() string {
+	e.t.Helper()
+	code, _, v := e.do("POST", "/api/towns/t1/stream-ticket", e.viewer, "", nil)
+	if code != 201 {
+		e.t.Fatalf("town ticket: %d %v", code, v)
+	}
+	return v["stream_path"].(string)
+}
+
+// openTown opens town t1's stream on transport kind with a fresh ticket,
+// narrowed by query (a filter such as "rig=r1&types=step"; may be empty),
+// resuming after cursor.
+func (e *testEnv) openTown(kind, query string, cursor int64) (streamClient, int) {
+	e.t.Helper()
+	path := e.townTicket()
+	if query != "" {
+		path += "&" + query
+	}
+	return e.openPath(kind, path, cursor, nil)
 }
 
 // open opens a stream of agent on transport kind with a fresh ticket,

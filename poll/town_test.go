@@ -1,0 +1,138 @@
+package poll
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/agentstream/agentstream/model"
+)
+
+// townIDs is every id the store holds for town t, in order.
+func (e *env) townIDs(t testing.TB) []int64 {
+	t.Helper()
+	evs, err := e.store.After(context.Background(), model.AgentKey{Town: "t"}, 0, 100000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids := make([]int64, len(evs))
+	for i := range evs {
+		ids[i] = evs[i].ID
+	}
+	return ids
+}
+
+// TestTownFeedUnion: subscribers of a town, some from the start, some
+// joining mid-way at a cursor, while four agents of the town (and one of
+// another town) are written concurrently: each gets exactly the town's ids
+// after its cursor, in order, once, and the town has one feed.
+func TestTownFeedUnion(t *testing.T) {
+	e := newEnv(t, model.Options{Retain: -1}, Options{QueueLen: 8, RingLen: 64})
+	town := model.AgentKey{Town: "t"}
+	var subs []*Subscription
+	for range 5 {
+		sub, err := e.sched.Subscribe(context.Background(), town, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sub.Close()
+		subs = append(subs, sub)
+	}
+	var writers sync.WaitGroup
+	for _, agent := range []string{"a", "b", "c", "d"} {
+		writers.Go(func() {
+			for range 60 {
+				e.append(t, agent, "step", 1+len(agent)%3)
+			}
+		})
+	}
+	writers.Go(func() {
+		for range 60 {
+			evs := []model.Event{{TownID: "other", RigID: "r", AgentID: "a", Type: "step", Data: []byte(`{}`)}}
+			if err := e.store.Append(context.Background(), evs); err != nil {
+				t.Error(err)
+			}
+		}
+	})
+	// A late joiner at a cursor in the middle.
+	waitFor(t, "some of the town written", func() bool { return len(e.townIDs(t)) > 100 })
+	mid := e.townIDs(t)[50]
+	late, err := e.sched.Subscribe(context.Background(), town, mid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer late.Close()
+	writers.Wait()
+	if n := e.sched.ActiveFeeds(); n != 1 {
+		t.Fatalf("%d feeds for one town's subscribers, want 1", n)
+	}
+	e.append(t, "a", "end", 1)
+	want := e.townIDs(t)
+	for i, sub := range append(subs, late) {
+		got, err := readUntil(t, sub, nil)
+		if err != nil {
+			t.Fatalf("subscriber %d: %v", i, err)
+		}
+		if from := sub == late; from && !slices.Equal(got, after(want, mid)) || !from && !slices.Equal(got, want) {
+			t.Fatalf("subscriber %d got %d ids, want the town's %d after its cursor", i, len(got), len(want))
+		}
+	}
+}
+
+// TestTownGapPerAgent: retention prunes two of a town's agents past a
+// subscriber's cursor before it reads them. The subscriber is told of each
+// agent's loss once, naming the agent, before any later event, and then
+// gets every event the store still holds, of every agent, once.
+func TestTownGapPerAgent(t *testing.T) {
+	e := newEnv(t, model.Options{Retain: 5}, Options{QueueLen: 4, RingLen: 4})
+	town := model.AgentKey{Town: "t"}
+	start := e.append(t, "quiet", "step", 3)
+	sub, err := e.sched.Subscribe(context.Background(), town, start[len(start)-1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	for range 20 {
+		e.append(t, "busy1", "step", 1)
+		e.append(t, "busy2", "step", 1)
+	}
+	e.append(t, "quiet", "end", 1)
+	if err := e.store.Prune(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	kept := e.townIDs(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var got []int64
+	gaps := map[string]*GapError{}
+	var buf []*Item
+	for len(got) == 0 || got[len(got)-1] != kept[len(kept)-1] {
+		buf, err = sub.Next(ctx, buf, 100)
+		var gap *GapError
+		if errors.As(err, &gap) {
+			if gaps[gap.Agent] != nil {
+				t.Fatalf("a second gap for %s: %v after %v", gap.Agent, gap, gaps[gap.Agent])
+			}
+			if len(got) > 0 {
+				t.Fatalf("gap %v after events %v", gap, got)
+			}
+			gaps[gap.Agent] = gap
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, it := range buf {
+			got = append(got, it.ID)
+		}
+	}
+	if len(gaps) != 2 || gaps["busy1"] == nil || gaps["busy2"] == nil {
+		t.Fatalf("gaps %v, want one each for busy1 and busy2", gaps)
+	}
+	if !slices.Equal(got, after(kept, start[len(start)-1])) {
+		t.Fatalf("got %v, want what the store holds %v", got, kept)
+	}
+}
