@@ -43,7 +43,7 @@ Usage:
   agentstream emit  --rig R --agent A [--server URL] [--token T | --town T --data DIR] < events.jsonl
   agentstream token agent  --town T --rig R --agent A [--ttl 24h] [--data DIR]
   agentstream token viewer --town T [--ttl 24h] [--data DIR]
-  agentstream tail  --town T --agent A [--server URL] [--after N] [--json] [--token T | --data DIR]
+  agentstream tail  --town T [--agent A | --rig R] [--types P,...] [--server URL] [--after N] [--json] [--token T | --data DIR]
 
 Every flag also reads AGENTSTREAM_<FLAG> from the environment; a flag wins.
 The container's secret is AGENTSTREAM_CONTAINER_SECRET, for container and
@@ -397,8 +397,10 @@ func loadAuthFrom(data, secretFile string) (*server.Auth, error) {
 
 func cmdTail(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("tail", stderr)
-	town := fs.String("town", "", "town of the agent")
-	agent := fs.String("agent", "", "agent to follow")
+	town := fs.String("town", "", "town to follow (all its agents, unless --agent)")
+	agent := fs.String("agent", "", "agent to follow; none: every agent of the town, one stream")
+	rig := fs.String("rig", "", "with no --agent: only this rig's agents")
+	types := fs.String("types", "", "only events whose type starts with one of these, comma-separated (agent.,message.)")
 	srv := fs.String("server", "http://127.0.0.1:8080", "server base URL")
 	after := fs.Int64("after", 0, "start after this event id")
 	asJSON := fs.Bool("json", false, "print each event as one JSON line")
@@ -407,8 +409,11 @@ func cmdTail(args []string, stdout, stderr io.Writer) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	if *town == "" || *agent == "" {
-		return usageError{"tail needs --town and --agent"}
+	if *town == "" {
+		return usageError{"tail needs --town (and --agent for one agent)"}
+	}
+	if *rig != "" && *agent != "" {
+		return usageError{"--rig narrows a town's stream; with --agent there is one agent already"}
 	}
 	if *after < 0 {
 		return usageError{"--after must be >= 0"}
@@ -424,22 +429,43 @@ func cmdTail(args []string, stdout, stderr io.Writer) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	u := strings.TrimRight(*srv, "/") + "/api/towns/" + url.PathEscape(*town) + "/container/agents/" + url.PathEscape(*agent) + "/stream"
+	u := strings.TrimRight(*srv, "/") + "/api/towns/" + url.PathEscape(*town)
+	if *agent != "" {
+		u += "/container/agents/" + url.PathEscape(*agent) + "/stream"
+	} else {
+		u += "/stream"
+	}
+	q := url.Values{}
+	if *rig != "" {
+		q.Set("rig", *rig)
+	}
+	if *types != "" {
+		q.Set("types", *types)
+	}
+	if len(q) > 0 {
+		u += "?" + q.Encode()
+	}
 	err := transport.Follow(ctx, transport.FollowOptions{
 		URL: u, Token: *token, After: *after,
 		OnEvent: func(id int64, data []byte) bool {
 			var ev struct {
+				AgentID   string          `json:"agent_id"`
 				Type      string          `json:"type"`
 				CreatedAt string          `json:"created_at"`
 				Data      json.RawMessage `json:"data"`
 			}
 			json.Unmarshal(data, &ev)
-			if *asJSON {
+			switch {
+			case *asJSON:
 				fmt.Fprintf(stdout, "%s\n", data)
-			} else {
+			case *agent == "":
+				// A town's events, prefixed by whose they are.
+				fmt.Fprintf(stdout, "%s\t%d\t%s\t%s\t%s\n", ev.AgentID, id, ev.CreatedAt, ev.Type, ev.Data)
+			default:
 				fmt.Fprintf(stdout, "%d\t%s\t%s\t%s\n", id, ev.CreatedAt, ev.Type, ev.Data)
 			}
-			return ev.Type == model.TypeExited
+			// An agent's stream ends with its exit; a town's goes on.
+			return *agent != "" && ev.Type == model.TypeExited
 		},
 		OnNotice: func(name string, data []byte) {
 			fmt.Fprintln(stderr, noticeLine(name, data))
@@ -459,10 +485,14 @@ func cmdTail(args []string, stdout, stderr io.Writer) error {
 // that says which events are gone and where the stream goes on.
 func noticeLine(name string, data []byte) string {
 	var gap struct {
-		After   int64 `json:"after"`
-		FirstID int64 `json:"first_id"`
+		Agent   string `json:"agent"`
+		After   int64  `json:"after"`
+		FirstID int64  `json:"first_id"`
 	}
 	if name == "gap" && json.Unmarshal(data, &gap) == nil {
+		if gap.Agent != "" {
+			return fmt.Sprintf("agentstream: warning: events of %s after id %d were deleted by retention before they were read; its events go on from id %d", gap.Agent, gap.After, gap.FirstID)
+		}
 		return fmt.Sprintf("agentstream: warning: events after id %d were deleted by retention before they were read; going on from id %d", gap.After, gap.FirstID)
 	}
 	return fmt.Sprintf("agentstream: notice %s %s", name, data)

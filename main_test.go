@@ -119,7 +119,13 @@ func startListening(t *testing.T, cmd *exec.Cmd, msg string) *serveProc {
 
 func postEvent(t *testing.T, base, token, body string) []int64 {
 	t.Helper()
-	req, _ := http.NewRequest("POST", base+"/api/rigs/r/agent-events", strings.NewReader(body))
+	return postEventTo(t, base, "r", token, body)
+}
+
+// postEventTo is postEvent for an agent of rig.
+func postEventTo(t *testing.T, base, rig, token, body string) []int64 {
+	t.Helper()
+	req, _ := http.NewRequest("POST", base+"/api/rigs/"+rig+"/agent-events", strings.NewReader(body))
 	req.Header.Set("Authorization", "Bearer "+token)
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := http.DefaultClient.Do(req)
@@ -136,9 +142,10 @@ func postEvent(t *testing.T, base, token, body string) []int64 {
 }
 
 type wireEvent struct {
-	ID   int64
-	Type string
-	Data json.RawMessage
+	ID      int64
+	AgentID string `json:"agent_id"`
+	Type    string
+	Data    json.RawMessage
 }
 
 func readEvents(t *testing.T, base, token string) []wireEvent {
@@ -274,42 +281,16 @@ func TestTailFollowsAcrossRestart(t *testing.T) {
 	for i := range 3 {
 		acked = append(acked, postEvent(t, s.base, agent, fmt.Sprintf(`{"type":"step","data":{"n":%d}}`, i))...)
 	}
-	tail := exec.Command(bin, "tail", "--town", "t", "--agent", "a", "--server", s.base, "--json", "--data", data)
-	tail.Env = cleanEnv()
-	out, err := tail.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var tailErr bytes.Buffer
-	tail.Stderr = &tailErr
-	if err := tail.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { tail.Process.Kill() })
-	lines := make(chan string, 100)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			lines <- sc.Text()
-		}
-		close(lines)
-	}()
+	tail := startTailLines(t, bin, "--town", "t", "--agent", "a", "--server", s.base, "--json", "--data", data)
 	var got []int64
 	next := func() {
 		t.Helper()
-		select {
-		case l, ok := <-lines:
-			if !ok {
-				t.Fatalf("tail ended early; stderr: %s", tailErr.String())
-			}
-			var ev wireEvent
-			if err := json.Unmarshal([]byte(l), &ev); err != nil {
-				t.Fatalf("tail printed %q: %v", l, err)
-			}
-			got = append(got, ev.ID)
-		case <-time.After(60 * time.Second):
-			t.Fatalf("tail printed nothing for 60 s; stderr: %s", tailErr.String())
+		l := tail.next()
+		var ev wireEvent
+		if err := json.Unmarshal([]byte(l), &ev); err != nil {
+			t.Fatalf("tail printed %q: %v", l, err)
 		}
+		got = append(got, ev.ID)
 	}
 	for range 3 {
 		next()
@@ -325,11 +306,69 @@ func TestTailFollowsAcrossRestart(t *testing.T) {
 	for range 4 {
 		next()
 	}
-	if err := tail.Wait(); err != nil {
-		t.Fatalf("tail after agent.exited: %v (stderr %s), want exit 0", err, tailErr.String())
+	if err := tail.cmd.Wait(); err != nil {
+		t.Fatalf("tail after agent.exited: %v (stderr %s), want exit 0", err, tail.stderr.String())
 	}
 	if !slices.Equal(got, acked) {
 		t.Fatalf("tail printed ids %v, want %v", got, acked)
+	}
+}
+
+// tailLines is a running `agentstream tail`, its output read line by line
+// while it runs.
+type tailLines struct {
+	t      *testing.T
+	cmd    *exec.Cmd
+	lines  chan string
+	stderr *bytes.Buffer
+}
+
+func startTailLines(t *testing.T, bin string, args ...string) *tailLines {
+	t.Helper()
+	cmd := exec.Command(bin, append([]string{"tail"}, args...)...)
+	cmd.Env = cleanEnv()
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &tailLines{t: t, cmd: cmd, lines: make(chan string, 100), stderr: new(bytes.Buffer)}
+	cmd.Stderr = p.stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill() })
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			p.lines <- sc.Text()
+		}
+		close(p.lines)
+	}()
+	return p
+}
+
+// next returns tail's next line of output, failing the test if tail ends
+// or prints nothing for 60 s.
+func (p *tailLines) next() string {
+	p.t.Helper()
+	select {
+	case l, ok := <-p.lines:
+		if !ok {
+			p.t.Fatalf("tail ended early; stderr: %s", p.stderr.String())
+		}
+		return l
+	case <-time.After(60 * time.Second):
+		p.t.Fatalf("tail printed nothing for 60 s; stderr: %s", p.stderr.String())
+	}
+	return ""
+}
+
+// interrupt stops tail as Ctrl-C does; it must exit 0.
+func (p *tailLines) interrupt() {
+	p.t.Helper()
+	p.cmd.Process.Signal(os.Interrupt)
+	if err := p.cmd.Wait(); err != nil {
+		p.t.Fatalf("tail after an interrupt: %v (stderr %s), want exit 0", err, p.stderr.String())
 	}
 }
 
@@ -466,4 +505,48 @@ func TestSecretFile(t *testing.T) {
 	if code := run([]string{"token", "viewer", "--town", "t", "--secret-file", secret}, io.Discard, &errOut); code != 2 {
 		t.Fatalf("secret twice: exit %d, %q", code, errOut.String())
 	}
+}
+
+// TestTailTown: tail with --town and no --agent follows every agent of the
+// town in one stream, one line per event prefixed by the agent, and goes on
+// past an agent's exit until it is interrupted (then it exits 0). --rig and
+// --types narrow it.
+func TestTailTown(t *testing.T) {
+	bin := buildBinary(t)
+	data := filepath.Join(t.TempDir(), "data")
+	a := runCmd(t, bin, "token", "agent", "--town", "t", "--rig", "r", "--agent", "a", "--data", data)
+	b := runCmd(t, bin, "token", "agent", "--town", "t", "--rig", "r2", "--agent", "b", "--data", data)
+	s := startServer(t, bin, data)
+	postEvent(t, s.base, a, `{"type":"step"}`)
+	postEventTo(t, s.base, "r2", b, `{"type":"step"}`)
+	postEvent(t, s.base, a, `{"type":"agent.exited","data":{"reason":"completed","exit_code":0}}`)
+	postEventTo(t, s.base, "r2", b, `{"type":"tool.call"}`)
+
+	follow := func(args ...string) *tailLines {
+		return startTailLines(t, bin, append([]string{"--town", "t", "--server", s.base, "--data", data}, args...)...)
+	}
+
+	tail := follow()
+	var got []string
+	for range 4 {
+		f := strings.Split(tail.next(), "\t")
+		got = append(got, f[0]+" "+f[3])
+	}
+	postEventTo(t, s.base, "r2", b, `{"type":"step"}`) // after a's exit: the town goes on
+	f := strings.Split(tail.next(), "\t")
+	got = append(got, f[0]+" "+f[3])
+	want := []string{"a step", "b step", "a agent.exited", "b tool.call", "b step"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("tail --town printed %q, want %q", got, want)
+	}
+	tail.interrupt()
+
+	tail = follow("--rig", "r2", "--types", "step", "--json")
+	for range 2 {
+		var ev wireEvent
+		if err := json.Unmarshal([]byte(tail.next()), &ev); err != nil || ev.AgentID != "b" || ev.Type != "step" {
+			t.Fatalf("tail --rig r2 --types step printed %+v (%v)", ev, err)
+		}
+	}
+	tail.interrupt()
 }

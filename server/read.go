@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/agentstream/agentstream/model"
+	"github.com/agentstream/agentstream/poll"
 )
 
 // Read limits for GET .../events.
@@ -47,6 +48,11 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 		}
 		limit = n
 	}
+	compact, aerr := parseCompact(q)
+	if aerr != nil {
+		writeError(w, aerr)
+		return
+	}
 	key := model.AgentKey{Town: c.Town, Rig: rig, Agent: agent}
 	evs, err := s.store.After(r.Context(), key, after, limit+1)
 	if err != nil {
@@ -79,12 +85,33 @@ func (s *Server) handleEvents(w http.ResponseWriter, r *http.Request) {
 		}
 		gap = &pageGap{After: after, FirstID: first}
 	}
+	if compact {
+		// limit counts events as stored; a page merges what it holds.
+		evs = compactPage(evs)
+	}
 	writeJSON(w, http.StatusOK, struct {
 		Events      []model.Event `json:"events"`
 		NextAfterID int64         `json:"next_after_id"`
 		HasMore     bool          `json:"has_more"`
 		Gap         *pageGap      `json:"gap,omitempty"`
 	}{evs, next, more, gap})
+}
+
+// compactPage is compactDeltas for a page of history: every event of it.
+func compactPage(evs []model.Event) []model.Event {
+	if len(evs) < 2 {
+		return evs
+	}
+	items := make([]*poll.Item, len(evs))
+	for i := range evs {
+		items[i] = &poll.Item{Event: evs[i]}
+	}
+	items = compactDeltas(items, evs[len(evs)-1].ID)
+	out := make([]model.Event, len(items))
+	for i, it := range items {
+		out[i] = it.Event
+	}
+	return out
 }
 
 // pageGap tells a page reader that retention deleted events after its

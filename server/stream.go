@@ -114,6 +114,11 @@ func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 		writeError(w, aerr)
 		return
 	}
+	compact, aerr := parseCompact(r.URL.Query())
+	if aerr != nil {
+		writeError(w, aerr)
+		return
+	}
 	if !s.enterStream() {
 		retryAfter(w, time.Second)
 		writeError(w, errShuttingDown)
@@ -172,6 +177,7 @@ func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	target := streamTarget{key: key, filter: flt}
 	ended := false
 	if !key.IsTown() {
 		last, err := s.store.Last(r.Context(), key)
@@ -180,8 +186,16 @@ func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		ended = last != nil && last.Type == model.TypeExited && cursor >= last.ID
+		if compact && last != nil {
+			target.compactThrough = last.ID
+		}
+	} else if compact {
+		var err error
+		if target.compactThrough, err = s.store.Latest(r.Context(), key); err != nil {
+			s.storeFailed(w, r, "latest", err)
+			return
+		}
 	}
-	target := streamTarget{key: key, filter: flt}
 
 	if kind == "ws" {
 		s.detachedStream(w, r, target, cursor, ended, release, func(gone func()) (transport.Stream, error) {
@@ -225,6 +239,10 @@ func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 type streamTarget struct {
 	key    model.AgentKey
 	filter filter
+	// compactThrough, with ?compact=deltas, is the newest id when the
+	// stream opened: the backfill, whose runs of deltas are merged
+	// (compactDeltas). Live events are never held back to merge them.
+	compactThrough int64
 }
 
 // detachedStream serves a stream on a connection taken over from net/http
@@ -291,6 +309,7 @@ type pump struct {
 	st       transport.Stream
 	key      model.AgentKey
 	filter   filter
+	compact  int64 // streamTarget.compactThrough
 	sub      *poll.Subscription
 	start    time.Time
 	open     prometheus.Gauge
@@ -329,7 +348,7 @@ type pump struct {
 // gone at once, say) are held until then.
 func (s *Server) openStream(ctx context.Context, st transport.Stream, tg streamTarget, cursor int64,
 	wake chan struct{}, onFinish func()) *pump {
-	p := &pump{s: s, ctx: ctx, st: st, key: tg.key, filter: tg.filter, cursor: cursor, start: time.Now(), wake: wake, onFinish: onFinish,
+	p := &pump{s: s, ctx: ctx, st: st, key: tg.key, filter: tg.filter, compact: tg.compactThrough, cursor: cursor, start: time.Now(), wake: wake, onFinish: onFinish,
 		open:     s.metrics.openStreams.WithLabelValues(st.Kind(), st.Proto()),
 		events:   s.metrics.eventsWritten.WithLabelValues(st.Kind()),
 		bytesOut: s.metrics.bytesWritten.WithLabelValues(st.Kind()),
@@ -463,8 +482,12 @@ func (p *pump) step() (ended bool) {
 				items, exited = items[:i+1], true
 			}
 		}
+		items = p.filter.apply(items)
+		if len(items) > 0 && items[0].ID <= p.compact {
+			items = compactDeltas(items, p.compact)
+		}
 		// A batch the filter empties is not the end of what is ready.
-		if items = p.filter.apply(items); len(items) > 0 {
+		if len(items) > 0 {
 			if ended := p.write(items); ended {
 				return true
 			}

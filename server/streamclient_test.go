@@ -40,8 +40,15 @@ type msg struct {
 // it cleanly (SSE/NDJSON response end, WS close 1000).
 type streamClient interface {
 	Next() (msg, error)
+	Raw() []byte // the JSON of the last message Next returned
 	Close()
 	Proto() string
+}
+
+// nextRaw is Next with the message's JSON.
+func nextRaw(c streamClient) (msg, json.RawMessage, error) {
+	m, err := c.Next()
+	return m, c.Raw(), err
 }
 
 // The transports every stream test runs on.
@@ -204,7 +211,10 @@ type httpStream struct {
 	sc     *bufio.Scanner
 	cancel context.CancelFunc
 	ndjson bool
+	raw    []byte
 }
+
+func (c *httpStream) Raw() []byte { return c.raw }
 
 func (c *httpStream) Proto() string { return c.resp.Proto }
 func (c *httpStream) Close()        { c.cancel(); c.resp.Body.Close() }
@@ -218,7 +228,8 @@ func (c *httpStream) Next() (msg, error) {
 				continue // keepalive
 			}
 			var m msg
-			return m, json.Unmarshal([]byte(line), &m)
+			c.raw = []byte(line)
+			return m, json.Unmarshal(c.raw, &m)
 		}
 		switch {
 		case line == "":
@@ -227,7 +238,8 @@ func (c *httpStream) Next() (msg, error) {
 				continue // retry: or keepalive block
 			}
 			var m msg
-			if err := json.Unmarshal([]byte(data), &m); err != nil {
+			c.raw = []byte(data)
+			if err := json.Unmarshal(c.raw, &m); err != nil {
 				return m, err
 			}
 			if event != "" {
@@ -250,7 +262,10 @@ type wsClient struct {
 	conn   net.Conn
 	rw     io.ReadWriter
 	cancel context.CancelFunc
+	raw    []byte
 }
+
+func (c *wsClient) Raw() []byte { return c.raw }
 
 func (c *wsClient) Proto() string { return "HTTP/1.1" }
 func (c *wsClient) Close()        { c.cancel(); c.conn.Close() }
@@ -265,6 +280,7 @@ func (c *wsClient) Next() (msg, error) {
 		return msg{}, err
 	}
 	var m msg
+	c.raw = data
 	return m, json.Unmarshal(data, &m)
 }
 
