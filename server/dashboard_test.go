@@ -29,6 +29,9 @@ import (
 // is a failure: .ci/run installs it.
 func browser(t *testing.T) context.Context {
 	t.Helper()
+	// The page is the same over either database, and the streams under it
+	// are tested on both: one pass of the browser tests is enough.
+	onlySQLite(t)
 	var path string
 	for _, name := range []string{"chromium", "chromium-browser", "google-chrome"} {
 		if p, err := exec.LookPath(name); err == nil {
@@ -314,7 +317,9 @@ func TestDashboardEscapesData(t *testing.T) {
 }
 
 // TestDashboardExited: agent.exited shows the end state, and the page asks
-// for no more streams of that agent while it goes on watching the town.
+// for no more streams of that agent while it goes on watching the town:
+// agents that start meanwhile, in another rig and in its own, show in the
+// list, and the exited agent stays on screen.
 func TestDashboardExited(t *testing.T) {
 	ctx := browser(t)
 	e := newEnv(t)
@@ -332,25 +337,179 @@ func TestDashboardExited(t *testing.T) {
 	}
 	waitJS(t, ctx, "the agent list to show the exit", `document.querySelector('#agents li[data-agent="a1"]').textContent.includes("exited: failed (exit 3)")`)
 	tickets := e.streamRequests()
-	// The page keeps polling the town: two agents of another rig appear in
-	// turn, each a poll later. Meanwhile no ticket or stream was asked for,
-	// and the exited agent stays on screen.
 	e.postRig("r2", "a2", batch(ev("a2", "session.created", map[string]any{})))
 	waitJS(t, ctx, "a2 in the list", `document.querySelector('#agents li[data-agent="a2"]') !== null`)
-	e.postRig("r2", "a3", batch(ev("a3", "session.created", map[string]any{})))
-	waitJS(t, ctx, "a3 in the list", `document.querySelector('#agents li[data-agent="a3"]') !== null`)
+	e.postAgent("a3", batch(ev("a3", "session.created", map[string]any{})))
+	waitJS(t, ctx, "a3, of a1's rig, in the list", `document.querySelector('#agents li[data-agent="a3"]') !== null`)
 	if got := e.streamRequests(); got != tickets {
 		t.Fatalf("%v stream and ticket requests after the exit, was %v", got, tickets)
 	}
 	if title := textOf(t, ctx, "#agent-title"); title != "a1" {
 		t.Fatalf("the exited agent left the screen for %q", title)
 	}
-	// A new agent in the exited one's rig takes its place.
+}
+
+// TestDashboardPickedAgentStays: the agent the user picks stays on screen —
+// here an older agent that has exited, in a rig where a newer one runs and
+// a third one starts. With "follow newest in this rig" on, the view moves
+// to the next agent that starts in the rig, and only then.
+func TestDashboardPickedAgentStays(t *testing.T) {
+	ctx := browser(t)
+	e := newEnv(t)
+	old := e.postAgent("a1", batch(
+		ev("a1", "session.created", map[string]any{}),
+		ev("a1", "output.line", map[string]any{"stream": "stdout", "line": "old work"}),
+		ev("a1", model.TypeExited, map[string]any{"reason": "completed", "exit_code": 0})))
+	e.postAgent("a2", batch(ev("a2", "session.created", map[string]any{})))
+	openAgent(t, ctx, e.base, e.viewer, "a1")
+	waitJS(t, ctx, "a1's end", `!document.querySelector("#end").hidden`)
+	e.postAgent("a2", batch(ev("a2", "output.line", map[string]any{"stream": "stdout", "line": "newer work"})))
+	e.postAgent("a3", batch(ev("a3", "session.created", map[string]any{})))
+	waitJS(t, ctx, "a3 in the list", `document.querySelector('#agents li[data-agent="a3"]') !== null`)
+	if title, ids := textOf(t, ctx, "#agent-title"), pageIDs(t, ctx); title != "a1" || !slices.Equal(ids, old) {
+		t.Fatalf("the picked agent a1 gave way: %q shows %v", title, ids)
+	}
+
+	do(t, ctx, chromedp.Click(chromedp.CSS("#follow")))
+	e.postRig("r2", "b1", batch(ev("b1", "session.created", map[string]any{})))
+	waitJS(t, ctx, "b1 in the list", `document.querySelector('#agents li[data-agent="b1"]') !== null`)
+	if title := textOf(t, ctx, "#agent-title"); title != "a1" {
+		t.Fatalf("following a1's rig, the view moved to %q of another rig", title)
+	}
 	next := e.postAgent("a4", batch(ev("a4", "session.created", map[string]any{})))
-	waitJS(t, ctx, "the view to move to a4", `document.querySelector("#agent-title").textContent === "a4"`)
+	waitJS(t, ctx, "the view to follow a4", `document.querySelector("#agent-title").textContent === "a4"`)
 	if got := waitShown(t, ctx, 1); !slices.Equal(got, next) {
 		t.Fatalf("a4's view shows ids %v, want %v", got, next)
 	}
+}
+
+// cardsJS reads the overview's cards, in order.
+const cardsJS = `[...document.querySelectorAll("#cards li")].map(li => ({
+	agent: li.dataset.agent, state: li.dataset.state,
+	rig: li.querySelector(".card-rig").textContent, line: li.querySelector(".card-line").textContent}))`
+
+type card struct {
+	Agent string `json:"agent"`
+	State string `json:"state"`
+	Rig   string `json:"rig"`
+	Line  string `json:"line"`
+}
+
+// TestDashboardOverview: the page opens on an overview of the town, a card
+// per agent with its rig, state and latest activity, running agents first.
+// It follows the town's stream: new text moves a card's line, a new agent
+// gets a card, an exit moves its card down; for ten seconds of that the page
+// asks for the agent list not once. A card opens its agent's stream.
+func TestDashboardOverview(t *testing.T) {
+	ctx := browser(t)
+	e := newEnv(t)
+	text := func(agent, s string) string {
+		return ev(agent, "message.part.updated", map[string]any{"message_id": "m1", "part": map[string]any{"id": "p1", "type": "text", "text": s}, "delta": s})
+	}
+	e.postRig("r2", "b1", batch(ev("b1", "session.created", map[string]any{}), ev("b1", model.TypeExited, map[string]any{"reason": "completed", "exit_code": 0})))
+	e.postAgent("a1", batch(ev("a1", "session.created", map[string]any{}), text("a1", "Let me run the tests.")))
+	do(t, ctx, chromedp.Navigate(e.base+"/#token="+e.viewer))
+	waitJS(t, ctx, "two cards with their lines", `document.querySelectorAll("#cards li").length === 2 &&
+		document.querySelector('#cards li[data-agent="a1"] .card-line').textContent === "Let me run the tests." &&
+		document.querySelector('#cards li[data-agent="b1"] .card-state').textContent === "exited: completed (exit 0)"`)
+	cards := evalJS[[]card](t, ctx, cardsJS)
+	if cards[0] != (card{"a1", "running", "rig r1", "Let me run the tests."}) || cards[1].Agent != "b1" || cards[1].Rig != "rig r2" ||
+		cards[1].State != "exited" || cards[1].Line != "last: agent.exited" {
+		t.Fatalf("cards %+v", cards)
+	}
+
+	lists := func() float64 {
+		return e.metric(`agentstream_http_request_duration_seconds_count{code="200",route="GET /api/towns/{townId}/agents"}`)
+	}
+	before := lists()
+	start := time.Now()
+	for i := 0; time.Since(start) < 10*time.Second; i++ {
+		line := fmt.Sprintf("Step %d done.", i)
+		e.postAgent("a1", batch(text("a1", line)))
+		waitJS(t, ctx, "a1's card to show "+line, fmt.Sprintf(`document.querySelector('#cards li[data-agent="a1"] .card-line').textContent === %q`, line))
+		if i == 3 {
+			e.postRig("r2", "c1", batch(ev("c1", "session.created", map[string]any{})))
+			waitJS(t, ctx, "c1's card", `document.querySelector('#cards li[data-agent="c1"]') !== null`)
+		}
+	}
+	e.postAgent("a1", batch(ev("a1", model.TypeExited, map[string]any{"reason": "failed", "exit_code": 1})))
+	waitJS(t, ctx, "a1's card to show the exit", `document.querySelector('#cards li[data-agent="a1"]').dataset.state === "exited"`)
+	var order []string
+	for _, c := range evalJS[[]card](t, ctx, cardsJS) {
+		order = append(order, c.Agent)
+	}
+	if !slices.Equal(order, []string{"c1", "a1", "b1"}) {
+		t.Fatalf("cards in order %v, want the running c1, then a1 (exited last), then b1", order)
+	}
+	if n := lists() - before; n != 0 {
+		t.Fatalf("%v agent list requests in %s of live updates, want none", n, time.Since(start).Round(time.Second))
+	}
+
+	do(t, ctx, chromedp.Click(chromedp.CSS(`#cards li[data-agent="c1"] button`)))
+	waitJS(t, ctx, "c1's stream", `document.querySelector("#agent-title").textContent === "c1" && `+shownIDs+`.length === 1`)
+	do(t, ctx, chromedp.Click(chromedp.CSS("#close")))
+	waitJS(t, ctx, "the overview again", `!document.querySelector("#overview").hidden && document.querySelector("#stream").hidden`)
+}
+
+// TestDashboardDemoFirstScreen: the link serve --demo prints opens on
+// something live: within 5 s of opening it, a running agent's card shows
+// its text, and the text moves.
+func TestDashboardDemoFirstScreen(t *testing.T) {
+	ctx := browser(t)
+	var sessions [][]RecordedEvent
+	for _, f := range []string{"01-fix-failing-test.jsonl", "02-add-healthcheck.jsonl"} {
+		b, err := os.ReadFile("../testdata/demo/" + f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := ParseSession(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sessions = append(sessions, s)
+	}
+	out := make(lineWriter, 16)
+	sctx, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- Serve(sctx, Config{Addr: "127.0.0.1:0", DataDir: t.TempDir(), DB: current.DSN(t), Demo: sessions,
+			Out: out, Log: slog.New(slog.DiscardHandler)})
+	}()
+	t.Cleanup(func() {
+		stop()
+		<-done
+	})
+	var link string
+	for link == "" {
+		select {
+		case l := <-out:
+			if i := strings.Index(l, "http://"); i >= 0 {
+				link = strings.Fields(l[i:])[0]
+			}
+		case err := <-done:
+			t.Fatalf("serve: %v", err)
+		case <-time.After(30 * time.Second):
+			t.Fatal("serve --demo printed no link")
+		}
+	}
+	do(t, ctx, chromedp.Navigate(link))
+	const running = `document.querySelector('#cards li[data-state="running"] .card-line')`
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if _, err := chromedp.Run(wctx, chromedp.Poll[any](running+`?.textContent.length > 0`, chromedp.WithPollingInterval(50*time.Millisecond))); err != nil {
+		t.Fatalf("no running agent's text within 5 s of opening the demo link: %v (status %q)", err, textOf(t, ctx, "#status"))
+	}
+	first := evalJS[string](t, ctx, running+`.textContent`)
+	waitJS(t, ctx, "the text to move", fmt.Sprintf(`(%s?.textContent ?? %q) !== %q`, running, first, first))
+}
+
+// lineWriter hands each Write to a channel: the output of a Serve running
+// on another goroutine, read without a race.
+type lineWriter chan string
+
+func (w lineWriter) Write(p []byte) (int, error) {
+	w <- string(p)
+	return len(p), nil
 }
 
 // streamRequests counts ticket and stream requests the server has served.
@@ -517,8 +676,9 @@ func TestDashboardSurvivesRestart(t *testing.T) {
 	waitJS(t, ctx, "live again", `document.querySelector("#status").dataset.state === "live"`)
 }
 
-// TestDashboardScreenshot writes the README's screenshot: a demo session
-// on the page. It runs only when AGENTSTREAM_SCREENSHOT names the file.
+// TestDashboardScreenshot writes the README's screenshot: the overview of a
+// town with the demo sessions, two agents mid-session and one done. It runs
+// only when AGENTSTREAM_SCREENSHOT names the file.
 func TestDashboardScreenshot(t *testing.T) {
 	out := os.Getenv("AGENTSTREAM_SCREENSHOT")
 	if out == "" {
@@ -526,24 +686,36 @@ func TestDashboardScreenshot(t *testing.T) {
 	}
 	ctx := browser(t)
 	e := newEnv(t)
-	b, err := os.ReadFile("../testdata/demo/01-fix-failing-test.jsonl")
-	if err != nil {
-		t.Fatal(err)
+	var sessions [][]RecordedEvent
+	for _, f := range []string{"01-fix-failing-test.jsonl", "02-add-healthcheck.jsonl"} {
+		b, err := os.ReadFile("../testdata/demo/" + f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := ParseSession(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sessions = append(sessions, s)
 	}
-	session, err := ParseSession(b)
-	if err != nil {
-		t.Fatal(err)
+	for _, a := range []struct {
+		rig, agent string
+		session    []RecordedEvent
+	}{
+		{DemoRig, "coder-2", sessions[1]},                        // done
+		{"ci-rig", "fixer-1", sessions[0][:len(sessions[0])-12]}, // mid-session: still running
+		{DemoRig, "coder-3", sessions[1][:len(sessions[1])-20]},
+	} {
+		var evs []model.Event
+		for _, rec := range a.session {
+			evs = append(evs, model.Event{TownID: "t1", RigID: a.rig, AgentID: a.agent, Type: rec.Type, Data: rec.Data})
+		}
+		if err := e.store.Append(context.Background(), evs); err != nil {
+			t.Fatal(err)
+		}
 	}
-	var evs []model.Event
-	for _, rec := range session[:len(session)-12] { // mid-session: still running
-		evs = append(evs, model.Event{TownID: "t1", RigID: DemoRig, AgentID: "demo-20261125-101500.000", Type: rec.Type, Data: rec.Data})
-	}
-	if err := e.store.Append(context.Background(), evs); err != nil {
-		t.Fatal(err)
-	}
-	openAgent(t, ctx, e.base, e.viewer, "demo-20261125-101500.000")
-	waitShown(t, ctx, len(evs))
-	do(t, ctx, chromedp.Click(chromedp.CSS("#events details summary")))
+	do(t, ctx, chromedp.Navigate(e.base+"/#token="+e.viewer))
+	waitJS(t, ctx, "three cards with their lines", `[...document.querySelectorAll("#cards .card-line")].filter(l => l.textContent && !l.textContent.startsWith("last:")).length === 3`)
 	png, err := chromedp.Run(ctx, chromedp.CaptureScreenshot())
 	if err != nil {
 		t.Fatal(err)

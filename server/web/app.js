@@ -1,4 +1,5 @@
-// agentstream dashboard: the agents of a town, and one agent's stream, live.
+// agentstream dashboard: a town's agents live — a list, an overview card
+// per agent, and one agent's stream.
 //
 // Every string from the server is put on the page with textContent, never as
 // markup: an event's data can't inject HTML or script.
@@ -8,7 +9,16 @@ const enc = encodeURIComponent;
 const TOKEN_KEY = "agentstream.token";
 const FAMILIES = ["message", "tool", "session", "output", "agent"];
 
-const app = { token: null, town: null, agents: [], view: null, pollTimer: 0 };
+const app = {
+  token: null,
+  town: null,
+  agents: new Map(), // agent id -> its state, from the list and then the town's stream
+  known: new Set(), // agents seen when the page started, or since: a new one is not in it
+  view: null, // the agent on screen, or null: the overview
+  townStream: null,
+  follow: false, // "follow newest in this rig"
+  renderQueued: false,
+};
 
 // ---- token --------------------------------------------------------------
 
@@ -34,12 +44,17 @@ function townOf(token) {
   }
 }
 
+function stopAll() {
+  if (app.view) app.view.close();
+  app.view = null;
+  if (app.townStream) app.townStream.close();
+  app.townStream = null;
+}
+
 function showLogin(message) {
   sessionStorage.removeItem(TOKEN_KEY);
   app.token = null;
-  clearTimeout(app.pollTimer);
-  if (app.view) app.view.close();
-  app.view = null;
+  stopAll();
   $("app").hidden = true;
   $("login").hidden = false;
   $("login-error").textContent = message || "";
@@ -53,12 +68,17 @@ function start(token) {
     showLogin("That is not a viewer token (it carries no town).");
     return;
   }
+  stopAll();
   app.token = token;
   app.town = town;
+  app.agents = new Map();
+  app.known = new Set();
   $("login").hidden = true;
   $("app").hidden = false;
   $("town").textContent = "of " + town;
-  pollAgents();
+  $("overview-town").textContent = town;
+  showOverview();
+  loadTown();
 }
 
 // ---- API ----------------------------------------------------------------
@@ -90,6 +110,12 @@ function setStatus(state, text) {
   s.textContent = text;
 }
 
+// streamStatus shows a stream's state when it is the one on screen: the
+// agent's when one is open, else the town's.
+function streamStatus(stream, state, text) {
+  if (stream === (app.view ? app.view.stream : app.townStream)) setStatus(state, text);
+}
+
 // The protocol the page itself came over; an EventSource on the same
 // origin shares it (HTTP/2 carries every stream on one connection).
 function pageProtocol() {
@@ -97,99 +123,22 @@ function pageProtocol() {
   return { h2: "HTTP/2", h3: "HTTP/3", "http/1.1": "HTTP/1.1" }[p] || "HTTP";
 }
 
-// ---- agents -------------------------------------------------------------
-
-async function pollAgents() {
-  clearTimeout(app.pollTimer);
-  if (!app.token) return;
-  try {
-    const { agents } = await api("GET", `/api/towns/${enc(app.town)}/agents`);
-    app.agents = agents;
-    renderAgents();
-    followRig();
-  } catch (e) {
-    if (e.status === 401 || e.status === 403) {
-      showLogin(e.message);
-      return;
-    }
-    // The server may be restarting: keep the list, try again.
-  }
-  app.pollTimer = setTimeout(pollAgents, 2000);
-}
-
-function agentState(a) {
-  if (!a.exited) return "running";
-  let s = "exited";
-  if (a.exit_reason) s += ": " + a.exit_reason;
-  if (a.exit_code !== undefined && a.exit_code !== null) s += ` (exit ${a.exit_code})`;
-  return s;
-}
-
-// renderAgents updates the list in place, keyed by agent, so keyboard
-// focus stays on the button it is on.
-function renderAgents() {
-  const ul = $("agents");
-  $("agents-empty").hidden = app.agents.length > 0;
-  const have = new Map([...ul.children].map((li) => [li.dataset.agent, li]));
-  app.agents.forEach((a, i) => {
-    let li = have.get(a.agent_id);
-    if (!li) {
-      li = document.createElement("li");
-      li.dataset.agent = a.agent_id;
-      const b = document.createElement("button");
-      b.type = "button";
-      const name = document.createElement("span");
-      name.className = "agent-name";
-      const meta = document.createElement("span");
-      meta.className = "agent-meta";
-      b.append(name, meta);
-      b.addEventListener("click", () => select(a.agent_id));
-      li.append(b);
-    }
-    have.delete(a.agent_id);
-    const b = li.firstChild;
-    b.children[0].textContent = a.agent_id;
-    const meta = b.children[1];
-    meta.replaceChildren();
-    const st = document.createElement("span");
-    st.className = a.exited ? "state-exited" : "state-running";
-    st.textContent = agentState(a);
-    meta.append("rig " + a.rig_id + " · ", st);
-    b.setAttribute("aria-current", String(app.view?.agent === a.agent_id));
-    if (ul.children[i] !== li) ul.insertBefore(li, ul.children[i] || null);
-  });
-  for (const li of have.values()) {
-    if (app.view?.agent !== li.dataset.agent) li.remove();
-  }
-}
-
-// followRig: an exited agent stays on screen until the user closes it, or
-// until a new agent starts in the same rig; then the view moves to it.
-function followRig() {
-  const v = app.view;
-  if (!v || !v.ended) return;
-  const next = app.agents.find((a) => a.rig_id === v.rig && a.agent_id !== v.agent && !a.exited && a.last_event_id > v.lastId);
-  if (next) select(next.agent_id);
-}
-
-function select(agentId) {
-  if (app.view?.agent === agentId) return;
-  if (app.view) app.view.close();
-  const a = app.agents.find((x) => x.agent_id === agentId);
-  app.view = new AgentView(agentId, a?.rig_id || "");
-  renderAgents();
-}
-
-// ---- one agent's stream ---------------------------------------------------
+// ---- streams --------------------------------------------------------------
 
 const MIN_BACKOFF = 500;
 const MAX_BACKOFF = 30000;
 
-class AgentView {
-  constructor(agent, rig) {
-    this.agent = agent;
-    this.rig = rig;
-    this.lastId = 0; // the last event shown: every reconnect resumes after it
+// Stream is one resumable stream, an agent's or the town's: a fresh ticket
+// for each connection, WebSocket first and SSE after two WebSocket failures
+// in a row (or when WebSockets are blocked), reconnecting with backoff after
+// the last id delivered, so nothing is shown twice or missed.
+class Stream {
+  // ticketPath asks for tickets; query is added to the stream's path;
+  // onEvent and onNotice get what arrives; onEnd, the server's end (an
+  // agent's stream ends with its exit).
+  constructor({ ticketPath, query = "", after = 0, onEvent, onNotice, onEnd }) {
+    Object.assign(this, { ticketPath, query, onEvent, onNotice, onEnd });
+    this.lastId = after;
     this.ended = false;
     this.closed = false;
     this.sock = null;
@@ -197,27 +146,6 @@ class AgentView {
     this.wsFailures = 0;
     this.useSSE = false;
     this.timer = 0;
-    this.rows = new Map(); // merge key -> row, for growing messages and tool calls
-
-    $("stream").hidden = false;
-    $("agent-title").textContent = agent;
-    $("end").hidden = true;
-    $("events").replaceChildren();
-    $("new-events").hidden = true;
-    $("close").onclick = () => {
-      this.close();
-      app.view = null;
-      $("stream").hidden = true;
-      setStatus("idle", "Not watching");
-      renderAgents();
-    };
-    $("events").onscroll = () => {
-      if (atBottom()) $("new-events").hidden = true;
-    };
-    $("new-events").onclick = () => {
-      scrollToBottom();
-      $("events").focus();
-    };
     this.connect();
   }
 
@@ -227,21 +155,28 @@ class AgentView {
     this.drop();
   }
 
+  end() {
+    this.ended = true;
+    this.drop();
+  }
+
   drop() {
     const s = this.sock;
     this.sock = null;
     if (s) s.close();
   }
 
-  // connect fetches a fresh ticket (each is good for one stream) and opens
-  // the stream after the last id shown: WebSocket first, SSE after two
-  // WebSocket failures in a row or when WebSockets are blocked.
+  status(state, text) {
+    this.shown = [state, text]; // for when this stream comes (back) on screen
+    streamStatus(this, state, text);
+  }
+
   async connect() {
     if (this.closed || this.ended) return;
-    setStatus("connecting", "Connecting…");
+    this.status("connecting", "Connecting…");
     let ticket;
     try {
-      ticket = await api("POST", `/api/towns/${enc(app.town)}/container/agents/${enc(this.agent)}/stream-ticket`);
+      ticket = await api("POST", this.ticketPath);
     } catch (e) {
       if (e.status === 401 || e.status === 403) {
         showLogin(e.message);
@@ -251,7 +186,7 @@ class AgentView {
       return;
     }
     if (this.closed) return;
-    const path = ticket.stream_path + "&after=" + this.lastId;
+    const path = ticket.stream_path + "&after=" + this.lastId + this.query;
     if (!this.useSSE) {
       try {
         this.openWS(path);
@@ -271,13 +206,18 @@ class AgentView {
       opened = true;
       this.wsFailures = 0;
       this.failures = 0;
-      setStatus("live", "Live · WebSocket · HTTP/1.1");
+      this.status("live", "Live · WebSocket · HTTP/1.1");
     };
     ws.onmessage = (m) => this.receive(m.data);
     ws.onclose = (c) => {
       if (this.sock !== ws) return;
       this.sock = null;
       if (this.closed || this.ended) return;
+      if (c.code === 1000 && opened) {
+        this.ended = true; // the server ended the stream
+        this.onEnd?.();
+        return;
+      }
       if (!opened && ++this.wsFailures >= 2) this.useSSE = true;
       this.retry(c.reason);
     };
@@ -288,7 +228,7 @@ class AgentView {
     this.sock = es;
     es.onopen = () => {
       this.failures = 0;
-      setStatus("live", "Live · SSE · " + pageProtocol());
+      this.status("live", "Live · SSE · " + pageProtocol());
     };
     es.onmessage = (m) => this.receive(m.data);
     es.addEventListener("gap", (m) => this.receive(m.data, "gap"));
@@ -316,7 +256,7 @@ class AgentView {
         this.connect();
         return;
       }
-      setStatus("reconnecting", `Reconnecting in ${Math.ceil(left / 1000)} s` + (reason ? ` (${reason})` : ""));
+      this.status("reconnecting", `Reconnecting in ${Math.ceil(left / 1000)} s` + (reason ? ` (${reason})` : ""));
       this.timer = setTimeout(tick, Math.min(left, 1000));
     };
     tick();
@@ -332,21 +272,271 @@ class AgentView {
       return; // not JSON: nothing to show
     }
     if (notice) msg.notice = notice;
-    if (msg.notice) this.notice(msg);
-    else this.event(msg);
+    if (msg.notice) {
+      this.onNotice?.(msg);
+      return;
+    }
+    if (typeof msg.id !== "number" || msg.id <= this.lastId) return; // shown already
+    this.lastId = msg.id;
+    this.onEvent(msg);
+  }
+}
+
+// ---- the town -------------------------------------------------------------
+
+// How far back the town's stream starts before the newest event the list
+// knows: enough recent history for the cards' activity lines.
+const TOWN_BACKFILL = 300;
+
+// loadTown reads the agent list once, then keeps it, and the overview,
+// current from the town's stream: no polling. The list is read again only
+// when the stream says events were pruned before it could deliver them.
+async function loadTown() {
+  let agents;
+  try {
+    ({ agents } = await api("GET", `/api/towns/${enc(app.town)}/agents`));
+  } catch (e) {
+    if (e.status === 401 || e.status === 403) {
+      showLogin(e.message);
+      return;
+    }
+    setStatus("reconnecting", "Server unreachable; retrying");
+    setTimeout(() => app.token && !app.townStream && loadTown(), 2000);
+    return;
+  }
+  let newest = 0;
+  for (const a of agents) {
+    const have = app.agents.get(a.agent_id);
+    app.agents.set(a.agent_id, { ...a, line: have?.line || "", lineId: have?.lineId || 0 });
+    app.known.add(a.agent_id);
+    newest = Math.max(newest, a.last_event_id);
+  }
+  queueRender();
+  if (app.townStream) return; // a re-read after a gap: the stream goes on
+  app.townStream = new Stream({
+    ticketPath: `/api/towns/${enc(app.town)}/stream-ticket`,
+    query: "&compact=deltas",
+    after: Math.max(0, newest - TOWN_BACKFILL),
+    onEvent: townEvent,
+    onNotice: (n) => {
+      if (n.notice === "gap") loadTown();
+    },
+  });
+}
+
+// townEvent updates the agent an event belongs to: its state from events
+// newer than what the page knows of it, its activity line from any event
+// with something to say.
+function townEvent(ev) {
+  let a = app.agents.get(ev.agent_id);
+  const isNew = !app.known.has(ev.agent_id);
+  if (!a) {
+    a = { agent_id: ev.agent_id, rig_id: ev.rig_id, last_event_id: 0, exited: false, line: "", lineId: 0 };
+    app.agents.set(ev.agent_id, a);
+    app.known.add(ev.agent_id);
+  }
+  if (ev.id > a.last_event_id) {
+    a.last_event_id = ev.id;
+    a.last_type = ev.type;
+    if (ev.type === "agent.exited") {
+      a.exited = true;
+      a.exit_reason = ev.data?.reason;
+      a.exit_code = ev.data?.exit_code;
+    } else {
+      a.exited = false; // back: a container may restart an agent under its id
+    }
+  }
+  const line = activityLine(ev);
+  if (line && ev.id > a.lineId) {
+    a.line = line;
+    a.lineId = ev.id;
+  }
+  queueRender();
+  const v = app.view;
+  if (isNew && app.follow && v && ev.rig_id === v.rig && ev.agent_id !== v.agent) select(ev.agent_id);
+}
+
+// activityLine is what a card shows of an event: the end of the latest
+// message text, a tool call, an output line; "" for events that say
+// nothing worth showing (the card keeps the previous line; the exit is in
+// the card's state).
+function activityLine(ev) {
+  const d = ev.data ?? {};
+  const part = d.part;
+  const last = (s) => {
+    const t = String(s).replace(/\s+/g, " ").trim();
+    return t.length > 100 ? "…" + t.slice(-100) : t; // the newest words
+  };
+  if (ev.type === "message.part.updated" && part?.type === "text" && typeof part.text === "string") return last(part.text);
+  if (ev.type === "message.part.updated" && part?.type === "tool") {
+    const st = part.state || {};
+    return `${part.tool || "tool"} — ${st.status || "pending"}` + (st.input?.command ? ": " + st.input.command : "");
+  }
+  if (ev.type === "message.updated" && typeof d.text === "string") return (d.role ? d.role + ": " : "") + last(d.text);
+  if (ev.type === "output.line" && typeof d.line === "string") return last(d.line);
+  return "";
+}
+
+function agentState(a) {
+  if (!a.exited) return "running";
+  let s = "exited";
+  if (a.exit_reason) s += ": " + a.exit_reason;
+  if (a.exit_code !== undefined && a.exit_code !== null) s += ` (exit ${a.exit_code})`;
+  return s;
+}
+
+// sortedAgents: running agents first, then the most recently active.
+function sortedAgents() {
+  return [...app.agents.values()].sort((x, y) => (x.exited - y.exited) || (y.last_event_id - x.last_event_id));
+}
+
+// queueRender renders once per frame however many events came.
+function queueRender() {
+  if (app.renderQueued) return;
+  app.renderQueued = true;
+  requestAnimationFrame(() => {
+    app.renderQueued = false;
+    renderAgents();
+    renderCards();
+  });
+}
+
+// keyed updates a list in place, one li per agent keyed by data-agent, so
+// keyboard focus stays on the button it is on. make builds a new li's
+// button; fill updates one.
+function keyed(ul, agents, make, fill) {
+  const have = new Map([...ul.children].map((li) => [li.dataset.agent, li]));
+  agents.forEach((a, i) => {
+    let li = have.get(a.agent_id);
+    if (!li) {
+      li = document.createElement("li");
+      li.dataset.agent = a.agent_id;
+      const b = document.createElement("button");
+      b.type = "button";
+      b.addEventListener("click", () => select(li.dataset.agent));
+      make(b);
+      li.append(b);
+    }
+    have.delete(a.agent_id);
+    fill(li.firstChild, a);
+    li.dataset.state = a.exited ? "exited" : "running";
+    if (ul.children[i] !== li) ul.insertBefore(li, ul.children[i] || null);
+  });
+  for (const li of have.values()) li.remove();
+}
+
+function span(cls) {
+  const s = document.createElement("span");
+  s.className = cls;
+  return s;
+}
+
+function stateSpan(a) {
+  const st = span(a.exited ? "state-exited" : "state-running");
+  st.textContent = agentState(a);
+  return st;
+}
+
+function renderAgents() {
+  const agents = sortedAgents();
+  $("agents-empty").hidden = agents.length > 0;
+  keyed($("agents"), agents, (b) => b.append(span("agent-name"), span("agent-meta")), (b, a) => {
+    b.children[0].textContent = a.agent_id;
+    b.children[1].replaceChildren("rig " + a.rig_id + " · ", stateSpan(a));
+    b.setAttribute("aria-current", String(app.view?.agent === a.agent_id));
+  });
+}
+
+function renderCards() {
+  const agents = sortedAgents();
+  $("cards-empty").hidden = agents.length > 0;
+  keyed($("cards"), agents, (b) => {
+    const head = span("card-head");
+    head.append(span("agent-name"), span("card-rig"));
+    b.append(head, span("card-state"), span("card-line"));
+  }, (b, a) => {
+    b.querySelector(".agent-name").textContent = a.agent_id;
+    b.querySelector(".card-rig").textContent = "rig " + a.rig_id;
+    b.querySelector(".card-state").replaceChildren(stateSpan(a));
+    const line = b.querySelector(".card-line");
+    line.textContent = a.line || (a.last_type ? "last: " + a.last_type : "");
+    line.dataset.id = String(a.lineId || "");
+  });
+}
+
+// ---- views ------------------------------------------------------------------
+
+function showOverview() {
+  if (app.view) app.view.close();
+  app.view = null;
+  $("stream").hidden = true;
+  $("overview").hidden = false;
+  setStatus(...(app.townStream?.shown || ["connecting", "Connecting…"]));
+  queueRender();
+}
+
+function select(agentId) {
+  if (app.view?.agent === agentId) return;
+  if (app.view) app.view.close();
+  const a = app.agents.get(agentId);
+  $("overview").hidden = true;
+  app.view = new AgentView(agentId, a?.rig_id || "");
+  setStatus(...app.view.stream.shown);
+  queueRender();
+}
+
+// ---- one agent's stream ---------------------------------------------------
+
+// AgentView is one agent's stream on screen, from its first event. It
+// stays on that agent until the user closes it or picks another, or, with
+// "follow newest in this rig" on, until a new agent starts in its rig.
+class AgentView {
+  constructor(agent, rig) {
+    this.agent = agent;
+    this.rig = rig;
+    this.rows = new Map(); // merge key -> row, for growing messages and tool calls
+
+    $("stream").hidden = false;
+    $("agent-title").textContent = agent;
+    $("agent-rig").textContent = rig ? "rig " + rig : "";
+    $("end").hidden = true;
+    $("events").replaceChildren();
+    $("new-events").hidden = true;
+    $("close").onclick = showOverview;
+    $("events").onscroll = () => {
+      if (atBottom()) $("new-events").hidden = true;
+    };
+    $("new-events").onclick = () => {
+      scrollToBottom();
+      $("events").focus();
+    };
+    this.stream = new Stream({
+      ticketPath: `/api/towns/${enc(app.town)}/container/agents/${enc(agent)}/stream-ticket`,
+      onEvent: (ev) => this.event(ev),
+      onNotice: (n) => this.notice(n),
+      onEnd: () => this.ended(),
+    });
+  }
+
+  get lastId() {
+    return this.stream.lastId;
+  }
+
+  close() {
+    this.stream.close();
   }
 
   event(ev) {
-    if (typeof ev.id !== "number" || ev.id <= this.lastId) return; // shown already
-    this.lastId = ev.id;
     appendRow(this, ev);
     if (ev.type === "agent.exited") {
-      this.ended = true;
-      this.drop();
+      this.stream.end();
       showEnd(ev.data || {});
       setStatus("ended", "Ended");
-      pollAgents();
     }
+  }
+
+  ended() {
+    setStatus("ended", "Ended");
   }
 
   notice(n) {
@@ -526,6 +716,9 @@ function place(li) {
 // ---- start --------------------------------------------------------------------
 
 function init() {
+  $("follow").addEventListener("change", (e) => {
+    app.follow = e.target.checked;
+  });
   $("login").addEventListener("submit", (e) => {
     e.preventDefault();
     const t = $("token").value.trim();
