@@ -456,18 +456,7 @@ func TestDashboardOverview(t *testing.T) {
 // its text, and the text moves.
 func TestDashboardDemoFirstScreen(t *testing.T) {
 	ctx := browser(t)
-	var sessions [][]RecordedEvent
-	for _, f := range []string{"01-fix-failing-test.jsonl", "02-add-healthcheck.jsonl"} {
-		b, err := os.ReadFile("../testdata/demo/" + f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		s, err := ParseSession(b)
-		if err != nil {
-			t.Fatal(err)
-		}
-		sessions = append(sessions, s)
-	}
+	sessions := demoSessions(t)
 	out := make(lineWriter, 16)
 	sctx, stop := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -686,18 +675,7 @@ func TestDashboardScreenshot(t *testing.T) {
 	}
 	ctx := browser(t)
 	e := newEnv(t)
-	var sessions [][]RecordedEvent
-	for _, f := range []string{"01-fix-failing-test.jsonl", "02-add-healthcheck.jsonl"} {
-		b, err := os.ReadFile("../testdata/demo/" + f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		s, err := ParseSession(b)
-		if err != nil {
-			t.Fatal(err)
-		}
-		sessions = append(sessions, s)
-	}
+	sessions := demoSessions(t)
 	for _, a := range []struct {
 		rig, agent string
 		session    []RecordedEvent
@@ -723,4 +701,22 @@ func TestDashboardScreenshot(t *testing.T) {
 	if err := os.WriteFile(out, png, 0o644); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// demoSessions reads the recorded demo sessions serve --demo replays.
+func demoSessions(t *testing.T) [][]RecordedEvent {
+	t.Helper()
+	var sessions [][]RecordedEvent
+	for _, f := range []string{"01-fix-failing-test.jsonl", "02-add-healthcheck.jsonl"} {
+		b, err := os.ReadFile("../testdata/demo/" + f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := ParseSession(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sessions = append(sessions, s)
+	}
+	return sessions
 }
