@@ -11,6 +11,10 @@
 // With -scaleout it measures two instances on one PostgreSQL database (a
 // throwaway cluster it starts itself), subscribers split over both.
 //
+// With -town it measures a town's stream against its agents' streams: 50
+// agents posting 10 events/s each, 200 viewers on the town's stream, or the
+// same 200 spread over the 50 agents' streams.
+//
 // With -membudget N it measures the server's RSS growth for N streams that
 // never read, on a history of 64 KiB events.
 //
@@ -58,6 +62,7 @@ func main() {
 	emitRate := flag.Int("emit-rate", 0, "internal: events per second the agent writes (0: as fast as it can)")
 	memStreams := flag.Int("membudget", 0, "measure instead the RSS cost of this many streams that never read, on 64 KiB events")
 	scaleOut := flag.Bool("scaleout", false, "measure instead two instances on one PostgreSQL (started here): subscribers split over both, events posted to one")
+	town := flag.Bool("town", false, "measure instead 50 agents at 10 events/s each, 200 viewers on the town's stream against the same viewers spread over the agents' streams")
 	flag.Parse()
 	if *naive != "" {
 		serveNaive(*naive)
@@ -73,6 +78,10 @@ func main() {
 	raiseFDLimit()
 	if *scaleOut {
 		scaleOutScenarios(*bin, *duration)
+		return
+	}
+	if *town {
+		townScenarios(*bin, 50, 10, 200, *duration)
 		return
 	}
 	if *memStreams > 0 {
@@ -211,7 +220,10 @@ func (s *server) rss() float64 {
 }
 
 // publish posts one event carrying its send time.
-func (s *server) publish(c *http.Client, seq int) error {
+func (s *server) publish(c *http.Client, seq int) error { return s.publishAs(c, s.agent, seq) }
+
+// publishAs is publish as the agent of token (agentstream only).
+func (s *server) publishAs(c *http.Client, token string, seq int) error {
 	now := time.Now().UnixNano()
 	var req *http.Request
 	if s.naive {
@@ -219,7 +231,7 @@ func (s *server) publish(c *http.Client, seq int) error {
 	} else {
 		body := fmt.Sprintf(`{"type":"load.tick","data":{"seq":%d,"t":%d}}`, seq, now)
 		req, _ = http.NewRequest("POST", s.base+"/api/rigs/r/agent-events", strings.NewReader(body))
-		req.Header.Set("Authorization", "Bearer "+s.agent)
+		req.Header.Set("Authorization", "Bearer "+token)
 		req.Header.Set("Content-Type", "application/json")
 	}
 	resp, err := c.Do(req)
@@ -334,21 +346,7 @@ func runOn(s *server, subsOn []*server, transport string, n, rate int, d time.Du
 	}
 	tick.Stop()
 	pubs.Wait()
-	// Wait for deliveries to finish: until nothing new arrives for 2 s.
-	var last int
-	for quiet := 0; quiet < 4; {
-		time.Sleep(500 * time.Millisecond)
-		cur := 0
-		for _, sub := range subs {
-			cur += len(sub.lat)
-		}
-		if cur == last {
-			quiet++
-		} else {
-			quiet = 0
-		}
-		last = cur
-	}
+	waitQuiet(subs)
 	cpu := cpuOf() - cpu0
 	for _, c := range conns {
 		if c != nil {
@@ -378,13 +376,37 @@ func runOn(s *server, subsOn []*server, transport string, n, rate int, d time.Du
 	return r
 }
 
-// dial opens one stream and returns the connection and a reader positioned
+// waitQuiet waits for deliveries to finish: until nothing new has arrived
+// for 2 s.
+func waitQuiet(subs []*subscriber) {
+	var last int
+	for quiet := 0; quiet < 4; {
+		time.Sleep(500 * time.Millisecond)
+		cur := 0
+		for _, sub := range subs {
+			cur += len(sub.lat)
+		}
+		if cur == last {
+			quiet++
+		} else {
+			quiet = 0
+		}
+		last = cur
+	}
+}
+
+// dial opens s's stream and returns the connection and a reader positioned
 // at the stream's body.
 func dial(s *server, transport string) (net.Conn, io.Reader, error) {
+	return dialPath(s, transport, s.streamPath())
+}
+
+// dialPath is dial for the stream at path.
+func dialPath(s *server, transport, path string) (net.Conn, io.Reader, error) {
 	addr := strings.TrimPrefix(s.base, "http://")
 	if transport == "ws" {
 		d := ws.Dialer{Header: ws.HandshakeHeaderHTTP(http.Header{"Authorization": {"Bearer " + s.viewer}})}
-		conn, br, _, err := d.Dial(context.Background(), "ws://"+addr+s.streamPath())
+		conn, br, _, err := d.Dial(context.Background(), "ws://"+addr+path)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -401,7 +423,7 @@ func dial(s *server, transport string) (net.Conn, io.Reader, error) {
 	if s.viewer != "" {
 		auth = "Authorization: Bearer " + s.viewer + "\r\n"
 	}
-	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n%s\r\n", s.streamPath(), addr, auth)
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n%s\r\n", path, addr, auth)
 	br := bufio.NewReader(conn)
 	resp, err := http.ReadResponse(br, nil)
 	if err != nil {
