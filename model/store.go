@@ -917,6 +917,10 @@ func (s *Store) PrunedAfter(ctx context.Context, town string, afterID int64) ([]
 	return marks, nil
 }
 
+// Retain is how many of each agent's newest events retention keeps, or 0
+// when it keeps everything.
+func (s *Store) Retain() int { return max(s.opts.Retain, 0) }
+
 // Oldest returns the smallest id still held for an agent, or 0 if none.
 func (s *Store) Oldest(ctx context.Context, k AgentKey) (int64, error) {
 	evs, err := s.After(ctx, k, 0, 1)

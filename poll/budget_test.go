@@ -64,7 +64,7 @@ func TestStreamByteBudget(t *testing.T) {
 	want := append([]int64(nil), backlog...)
 	for range 10 {
 		want = append(want, post(10)...)
-		waitFor(t, "the feed to fan out", func() bool { return e.feedCursor("big") == want[len(want)-1] })
+		waitFor(t, "the feed to fan out", func() bool { return e.feedCursor(key("big")) == want[len(want)-1] })
 		if h := sub.held.Load(); h > limit {
 			t.Fatalf("a stalled subscriber holds %d bytes; at most %d allowed", h, limit)
 		}
@@ -77,9 +77,10 @@ func TestStreamByteBudget(t *testing.T) {
 	}
 }
 
-func (e *env) feedCursor(agent string) int64 {
+// feedCursor is the id up to which k's feed has read, or -1 with no feed.
+func (e *env) feedCursor(k model.AgentKey) int64 {
 	e.sched.mu.RLock()
-	f := e.sched.feeds[feedKey(key(agent))]
+	f := e.sched.feeds[feedKey(k)]
 	e.sched.mu.RUnlock()
 	if f == nil {
 		return -1

@@ -162,7 +162,7 @@ func (f *feed) run() {
 
 // poll reads everything after the cursor, a page at a time, and fans it out.
 func (f *feed) poll() error {
-	for {
+	for first := true; ; first = false {
 		f.s.Metrics.polls.Inc()
 		evs, err := f.s.src.After(f.ctx, f.key, f.cursor, f.s.opts.PageSize)
 		if err != nil {
@@ -170,6 +170,18 @@ func (f *feed) poll() error {
 		}
 		if len(evs) == 0 {
 			return nil
+		}
+		if m := f.s.opts.MinRetained; first && m > 0 && len(evs) >= min(m, f.s.opts.PageSize) {
+			// Only a feed this far behind can have had events pruned
+			// before it read them (retention keeps each agent's newest
+			// MinRetained, all of them after the cursor then).
+			lost, err := f.prunedPast(f.cursor)
+			if err != nil {
+				return err
+			}
+			if lost {
+				f.lose(evs[0].ID - 1)
+			}
 		}
 		f.publish(evs)
 		if len(evs) < f.s.opts.PageSize {
@@ -216,6 +228,35 @@ func (f *feed) publish(evs []model.Event) {
 	for i := range evs {
 		f.s.Metrics.lag.Observe(now.Sub(evs[i].CreatedAt).Seconds())
 	}
+}
+
+// prunedPast reports whether retention has deleted events of the feed's
+// agent (of any agent of its town, for a town feed) with ids above cursor.
+func (f *feed) prunedPast(cursor int64) (bool, error) {
+	if f.key.IsTown() {
+		ts, ok := f.s.src.(TownSource)
+		if !ok {
+			return false, nil
+		}
+		marks, err := ts.PrunedAfter(f.ctx, f.key.Town, cursor)
+		return len(marks) > 0, err
+	}
+	pruned, err := f.s.src.PrunedThrough(f.ctx, f.key)
+	return pruned > cursor, err
+}
+
+// lose handles events pruned before the feed read them: its live
+// subscribers, who would not see them, are demoted, to catch up from the
+// Source, which tells each its gap; the ring starts over after base, since
+// it no longer holds every event after its old base.
+func (f *feed) lose(base int64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for len(f.live) > 0 {
+		f.demote(len(f.live) - 1)
+	}
+	clear(f.ring.buf)
+	f.ring.start, f.ring.n, f.ring.bytes, f.ring.base = 0, 0, 0, base
 }
 
 // demote takes live[j] off the live path. Called with mu held.

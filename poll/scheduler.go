@@ -92,7 +92,14 @@ type Options struct {
 	// between pulls loses events past 1000/s, 100 ms past 5000/s. An
 	// agent whose pulls bring nothing is pulled every Interval.
 	BusyInterval time.Duration
-	Logger       *slog.Logger
+	// MinRetained is how many of each agent's newest events retention
+	// always keeps (model.Options.Retain); 0: it never prunes. A feed
+	// whose poll reads at least that many events may have fallen so far
+	// behind that retention deleted events before it read them: it then
+	// checks, and has its subscribers catch up from the Source, which
+	// tells each of its gap.
+	MinRetained int
+	Logger      *slog.Logger
 }
 
 func (o *Options) fill() {

@@ -2,7 +2,9 @@ package poll
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"slices"
 	"sync"
 	"testing"
@@ -102,14 +104,7 @@ func TestTownGapPerAgent(t *testing.T) {
 	end := e.append(t, "quiet", "end", 1)[0]
 	// The feed has read it all before retention runs: the loss is the
 	// subscriber's alone, which it learns on its catch-up read.
-	waitFor(t, "the town's feed to read every event", func() bool {
-		e.sched.mu.RLock()
-		f := e.sched.feeds[town]
-		e.sched.mu.RUnlock()
-		f.mu.Lock()
-		defer f.mu.Unlock()
-		return f.cursor >= end
-	})
+	waitFor(t, "the town's feed to read every event", func() bool { return e.feedCursor(town) >= end })
 	if err := e.store.Prune(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -144,5 +139,70 @@ func TestTownGapPerAgent(t *testing.T) {
 	}
 	if !slices.Equal(got, after(kept, start[len(start)-1])) {
 		t.Fatalf("got %v, want what the store holds %v", got, kept)
+	}
+}
+
+// TestFeedBehindRetention: another instance writes a burst to an agent and
+// its retention prunes it before this instance's feed polls (its LISTEN
+// is down: the feed polls hourly here, and is poked once at the end, as
+// LISTEN coming back does). A live subscriber, of the agent's feed and of
+// the town's, is told of the gap, then gets the events still held: never
+// a silent skip.
+func TestFeedBehindRetention(t *testing.T) {
+	for _, k := range []model.AgentKey{key("a"), {Town: "t"}} {
+		t.Run("town="+fmt.Sprint(k.IsTown()), func(t *testing.T) {
+			ctx := context.Background()
+			e := newEnv(t, model.Options{Retain: 5}, Options{Interval: time.Hour, MinRetained: 5})
+			other, err := model.Open(ctx, e.path, model.Options{Retain: 5})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer other.Close()
+			first := e.append(t, "a", "step", 1)[0]
+			sub, err := e.sched.Subscribe(ctx, k, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sub.Close()
+			if got, err := sub.Next(ctx, nil, 10); err != nil || len(got) != 1 || got[0].ID != first {
+				t.Fatalf("first read: %v %v", got, err)
+			}
+			waitFor(t, "the feed at the first event", func() bool { return e.feedCursor(k) >= first })
+			if got, err := sub.TryNext(ctx, nil, 10); err != nil || len(got) != 0 {
+				t.Fatalf("joining live: %v %v", got, err)
+			}
+			evs := make([]model.Event, 20)
+			for i := range evs {
+				evs[i] = model.Event{TownID: "t", RigID: "r", AgentID: "a", Type: "step", Data: json.RawMessage(`{}`)}
+			}
+			if err := other.Append(ctx, evs); err != nil {
+				t.Fatal(err)
+			}
+			if err := other.Prune(ctx); err != nil {
+				t.Fatal(err)
+			}
+			kept := e.allIDs(t, "a")
+			e.sched.NotifyKeys(nil)
+			rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			got, err := sub.Next(rctx, nil, 100)
+			var gap *GapError
+			if !errors.As(err, &gap) {
+				t.Fatalf("after the pruned burst: %v %v, want a gap first", got, err)
+			}
+			var ids []int64
+			for len(ids) < len(kept) {
+				got, err := sub.Next(rctx, nil, 100)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, it := range got {
+					ids = append(ids, it.ID)
+				}
+			}
+			if !slices.Equal(ids, kept) {
+				t.Fatalf("after the gap %v, want what is held %v", ids, kept)
+			}
+		})
 	}
 }

@@ -108,7 +108,8 @@ func Serve(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer store.Close()
-	popts := poll.Options{Interval: cfg.PollInterval, BusyInterval: cfg.UpstreamBusyInterval, Logger: log}
+	popts := poll.Options{Interval: cfg.PollInterval, BusyInterval: cfg.UpstreamBusyInterval, Logger: log,
+		MinRetained: store.Retain()}
 	var relay *Relay
 	if cfg.Upstream != "" {
 		client := &container.Client{URL: cfg.Upstream, Secret: cfg.UpstreamSecret, HTTP: &http.Client{Timeout: 10 * time.Second}}

@@ -73,6 +73,9 @@ func newEnvOn(t testing.TB, dsn string, opts Options, sopts model.Options, popts
 	if err != nil {
 		t.Fatal(err)
 	}
+	if popts.MinRetained == 0 {
+		popts.MinRetained = store.Retain() // as serve sets it
+	}
 	sched := poll.New(store, popts)
 	lctx, stopListen := context.WithCancel(context.Background())
 	listening := make(chan struct{})

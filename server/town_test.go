@@ -134,7 +134,7 @@ func TestTownStreamFilters(t *testing.T) {
 		{"rig=r2&types=step", func(ev model.Event) bool { return ev.RigID == "r2" && strings.HasPrefix(ev.Type, "step") },
 			[3]string{"r1", "a2", "step"}, [3]string{"r2", "b1", "step"}},
 	} {
-		for _, kind := range []string{"sse-h1", "ws"} {
+		for _, kind := range transports {
 			t.Run(kind+"/"+tc.query, func(t *testing.T) {
 				var want []int64
 				for _, ev := range e.townEvents(t) { // earlier subtests' live events too
