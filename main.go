@@ -66,11 +66,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 	err := dispatch(args, stdout, stderr)
 	var ue usageError
 	var status exitStatus
+	var se statusError
 	switch {
 	case err == nil, errors.Is(err, flag.ErrHelp):
 		return 0
 	case errors.As(err, &status):
 		return int(status)
+	case errors.As(err, &se):
+		fmt.Fprintf(stderr, "agentstream: %s\n", se.msg)
+		return se.code
 	case errors.As(err, &ue):
 		fmt.Fprintf(stderr, "agentstream: %s\n", ue.msg)
 		return 2
@@ -557,14 +561,18 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 	if len(command) == 0 {
 		return usageError{"run needs a command after --"}
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	exit, err := container.Run(ctx, container.RunOptions{
+	in := catchInterrupts()
+	defer in.release()
+	sink.Stop = in.stop
+	exit, err := container.Run(context.Background(), container.RunOptions{
 		Command: command, Sink: sink, MaxData: server.MaxDataBytes, MaxBatch: server.MaxBatch,
-		Stdin: os.Stdin, Stdout: stdout, Stderr: stderr,
+		Stdin: os.Stdin, Stdout: stdout, Stderr: stderr, Signals: in.forward,
 	})
 	if errors.Is(err, container.ErrBadRequest) {
 		return usageError{err.Error()}
+	}
+	if in.interrupted() {
+		return in.result(*p.agent, err)
 	}
 	if err != nil {
 		return fmt.Errorf("events of %s not all delivered: %w", *p.agent, err)
@@ -586,11 +594,93 @@ func cmdEmit(args []string, stdin io.Reader, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
+	in := catchInterrupts()
+	defer in.release()
+	sink.Stop = in.stop
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-in.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	err = container.Emit(ctx, stdin, container.RunOptions{Sink: sink, MaxData: server.MaxDataBytes, MaxBatch: server.MaxBatch})
+	if in.interrupted() {
+		return in.result(*p.agent, err)
+	}
 	if err != nil {
 		return fmt.Errorf("events of %s not all delivered: %w", *p.agent, err)
 	}
 	return nil
 }
+
+// interrupt is Ctrl-C (SIGINT) or SIGTERM for run and emit: the first one
+// closes stop, which ends the ingest client's retries at once, and is
+// handed on through forward, for run to pass to its command.
+type interrupt struct {
+	sigs    chan os.Signal
+	stop    chan struct{}
+	forward chan os.Signal
+	sig     os.Signal // the signal; set before stop is closed
+}
+
+func catchInterrupts() *interrupt {
+	in := &interrupt{sigs: make(chan os.Signal, 1), stop: make(chan struct{}), forward: make(chan os.Signal, 1)}
+	signal.Notify(in.sigs, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		s, ok := <-in.sigs
+		if !ok {
+			return
+		}
+		in.sig = s
+		close(in.stop)
+		in.forward <- s
+	}()
+	return in
+}
+
+// release stops catching signals.
+func (in *interrupt) release() {
+	signal.Stop(in.sigs)
+	close(in.sigs)
+}
+
+func (in *interrupt) interrupted() bool {
+	select {
+	case <-in.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// result is how an interrupted run or emit ends: status 128 + the signal
+// (130 for Ctrl-C), saying how many events were not delivered, if any.
+func (in *interrupt) result(agent string, err error) error {
+	code := 130
+	if s, ok := in.sig.(syscall.Signal); ok {
+		code = 128 + int(s)
+	}
+	var ue *container.UndeliveredError
+	switch {
+	case errors.As(err, &ue):
+		n := fmt.Sprintf("%d events", ue.N)
+		if ue.N == 1 {
+			n = "1 event"
+		}
+		return statusError{code, fmt.Sprintf("interrupted: %s of %s not delivered; the last attempt: %v", n, agent, ue.Err)}
+	case err != nil && !errors.Is(err, context.Canceled):
+		return statusError{code, fmt.Sprintf("interrupted: %v", err)}
+	}
+	return statusError{code, "interrupted; every event read was delivered"}
+}
+
+// statusError ends the process with its status, after printing its message.
+type statusError struct {
+	code int
+	msg  string
+}
+
+func (e statusError) Error() string { return e.msg }

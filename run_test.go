@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -309,5 +310,84 @@ a plain line
 	want := []string{`step {"n":1}`, `output.line {"stream":"stdout","line":"a plain line"}`, `agent.exited {"reason":"completed","exit_code":0}`}
 	if strings.Join(got, "\n") != strings.Join(want, "\n") {
 		t.Fatalf("tail saw %q", got)
+	}
+}
+
+// TestInterruptStopsRetrying: with the server unreachable, run and emit
+// retry their posts; the first Ctrl-C (SIGINT) stops that at once. Each
+// exits 130, saying how many events were not delivered, and run first
+// hands the signal to its command, which gets to act on it.
+func TestInterruptStopsRetrying(t *testing.T) {
+	bin := buildBinary(t)
+	for _, tc := range []struct {
+		name   string
+		args   []string
+		stdin  bool   // emit reads a line from its stdin, held open
+		stdout string // what the command printed, for run
+		lost   string
+	}{
+		{"emit", []string{"emit"}, true, "", "interrupted: 1 event of a not delivered"},
+		{"run", []string{"run", "--", "sh", "-c", `trap "echo got INT; exit 3" INT; echo started; while :; do sleep 0.05; done`},
+			false, "started\ngot INT\n", "interrupted: 3 events of a not delivered"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := append([]string{tc.args[0], "--server", "http://127.0.0.1:1", "--token", "x.y.z", "--rig", "r", "--agent", "a"}, tc.args[1:]...)
+			cmd := exec.Command(bin, args...)
+			cmd.Env = cleanEnv()
+			var stdout bytes.Buffer
+			cmd.Stdout = &stdout
+			stderr, err := cmd.StderrPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.stdin {
+				in, err := cmd.StdinPipe()
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer in.Close()
+				fmt.Fprintln(in, `{"type":"step"}`)
+			}
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { cmd.Process.Kill() })
+			var errText strings.Builder
+			sc := bufio.NewScanner(stderr)
+			for !strings.Contains(errText.String(), "retrying") {
+				if !sc.Scan() {
+					t.Fatalf("%s ended before retrying; stderr: %s", tc.name, errText.String())
+				}
+				errText.WriteString(sc.Text() + "\n")
+			}
+			if err := cmd.Process.Signal(os.Interrupt); err != nil {
+				t.Fatal(err)
+			}
+			rest := make(chan string, 1)
+			go func() {
+				var b strings.Builder
+				for sc.Scan() {
+					b.WriteString(sc.Text() + "\n")
+				}
+				rest <- b.String()
+			}()
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			select {
+			case err = <-done:
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%s still running 10 s after Ctrl-C", tc.name)
+			}
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.ExitCode() != 130 {
+				t.Fatalf("%s after Ctrl-C: %v, want exit status 130", tc.name, err)
+			}
+			if msg := <-rest; !strings.Contains(msg, tc.lost) {
+				t.Fatalf("%s's stderr %q does not say %q", tc.name, msg, tc.lost)
+			}
+			if tc.stdout != "" && stdout.String() != tc.stdout {
+				t.Fatalf("the command printed %q, want %q (the signal handed on)", stdout.String(), tc.stdout)
+			}
+		})
 	}
 }

@@ -29,6 +29,10 @@ type IngestClient struct {
 	RetryFor time.Duration
 	// OnRetry, if set, hears of each failed attempt that will be retried.
 	OnRetry func(err error, wait time.Duration)
+	// Stop, if set, is closed when retrying must end (the user pressed
+	// Ctrl-C): a failed attempt is then not retried, and a wait for the
+	// next one is cut short, so Send returns the failure at once.
+	Stop <-chan struct{}
 }
 
 // Send posts batch as one request, retrying transient failures. An answer
@@ -68,6 +72,11 @@ func (c *IngestClient) Send(ctx context.Context, batch []container.Line) error {
 		if ae, ok := err.(*apiError); ok && ae.Status != http.StatusTooManyRequests && ae.Status < 500 {
 			return err
 		}
+		select {
+		case <-c.Stop: // nil: never
+			return err
+		default:
+		}
 		if time.Now().Add(wait).After(deadline) {
 			return fmt.Errorf("gave up after %s: %w", retryFor, err)
 		}
@@ -83,6 +92,8 @@ func (c *IngestClient) Send(ctx context.Context, batch []container.Line) error {
 		}
 		select {
 		case <-time.After(jittered):
+		case <-c.Stop:
+			return err
 		case <-ctx.Done():
 			return err
 		}

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -32,7 +33,28 @@ type RunOptions struct {
 	Stdout        io.Writer // where output is copied as well; nil: nowhere
 	Stderr        io.Writer
 	Grace         time.Duration // from SIGTERM to SIGKILL when ctx ends; default 10 s
+	// Signals, if set, are signals the wrapper received (Ctrl-C): the
+	// first is forwarded to the command's process group, which gets Grace
+	// to exit before SIGKILL, as when ctx ends (which sends SIGTERM).
+	Signals <-chan os.Signal
 }
+
+// UndeliveredError is Run's and Emit's error when the Sink gave up: N
+// events, the batch it failed on and every one after it, were not
+// delivered.
+type UndeliveredError struct {
+	N   int
+	Err error
+}
+
+func (e *UndeliveredError) Error() string {
+	if e.N == 1 {
+		return fmt.Sprintf("1 event not delivered: %v", e.Err)
+	}
+	return fmt.Sprintf("%d events not delivered: %v", e.N, e.Err)
+}
+
+func (e *UndeliveredError) Unwrap() error { return e.Err }
 
 func (o *RunOptions) fill() {
 	if o.MaxBatch <= 0 {
@@ -70,13 +92,18 @@ func Run(ctx context.Context, o RunOptions) (ExitData, error) {
 	stopperDone := make(chan struct{})
 	go func() {
 		defer close(stopperDone)
+		sig := syscall.SIGTERM
 		select {
 		case <-ctx.Done():
 		case <-out.failed:
+		case s := <-o.Signals: // a nil channel: never
+			if ss, ok := s.(syscall.Signal); ok {
+				sig = ss
+			}
 		case <-exited:
 			return
 		}
-		signalGroup(p.pid(), syscall.SIGTERM)
+		signalGroup(p.pid(), sig)
 		t := time.NewTimer(o.Grace)
 		defer t.Stop()
 		select {
@@ -116,11 +143,30 @@ func Run(ctx context.Context, o RunOptions) (ExitData, error) {
 // anything else as an output.line of stream "stdout"), to the Sink, batched
 // as Run's are, and adds nothing of its own. It returns once r ends and
 // everything is sent, or, if the Sink fails, with the Sink's error at the
-// next line read.
+// next line read. When ctx ends it stops reading, sends what it has read,
+// and returns ctx's error; the read under way, if any, is left to end on
+// its own goroutine.
 func Emit(ctx context.Context, r io.Reader, o RunOptions) error {
 	o.fill()
 	out := newOutbox(ctx, o)
-	readErr := ScanLines(r, "stdout", MaxLine, func(l Line) bool { return out.put(l) })
+	var mu sync.Mutex // once stopped, the reader puts nothing more: close follows
+	stopped := false
+	put := func(l Line) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return !stopped && out.put(l)
+	}
+	read := make(chan error, 1)
+	go func() { read <- ScanLines(r, "stdout", MaxLine, put) }()
+	var readErr error
+	select {
+	case readErr = <-read:
+	case <-ctx.Done():
+		mu.Lock()
+		stopped = true
+		mu.Unlock()
+		readErr = ctx.Err()
+	}
 	if err := out.close(); err != nil {
 		return err
 	}
@@ -137,6 +183,7 @@ type outbox struct {
 	failed chan struct{} // closed when the sink has given up
 	done   chan struct{} // closed when the sender has returned
 	err    error         // the sink's error; read after done
+	lost   atomic.Int64  // lines not delivered: the failed batch, what was queued, what came after
 	cancel context.CancelFunc
 }
 
@@ -155,25 +202,39 @@ func newOutbox(ctx context.Context, o RunOptions) *outbox {
 }
 
 // put queues l, fitted to MaxData, and reports whether the sink still takes
-// lines: after it fails, lines are dropped.
+// lines: after it fails, lines are dropped (and counted as lost).
 func (b *outbox) put(l Line) bool {
 	if b.o.MaxData > 0 {
 		l = Fit(l, b.o.MaxData)
 	}
 	select {
+	case <-b.failed:
+		b.lost.Add(1)
+		return false
+	default:
+	}
+	select {
 	case b.queue <- l:
 		return true
 	case <-b.failed:
+		b.lost.Add(1)
 		return false
 	}
 }
 
-// close waits until everything queued is sent and returns the sink's error.
+// close waits until everything queued is sent and returns the sink's
+// error, as an *UndeliveredError.
 func (b *outbox) close() error {
 	close(b.queue)
 	<-b.done
 	b.cancel()
-	return b.err
+	if b.err == nil {
+		return nil
+	}
+	for range b.queue { // queued behind the batch that failed
+		b.lost.Add(1)
+	}
+	return &UndeliveredError{N: int(b.lost.Load()), Err: b.err}
 }
 
 // send hands queued lines to the sink until the queue is closed and empty.
@@ -198,6 +259,7 @@ func (b *outbox) send(ctx context.Context) error {
 			}
 		}
 		if err := o.Sink.Send(ctx, batch); err != nil {
+			b.lost.Add(int64(len(batch)))
 			return err
 		}
 	}
