@@ -355,6 +355,17 @@ func cmdToken(args []string, stdout, stderr io.Writer) error {
 	if kind == "agent" && (*rig == "" || *agent == "") {
 		return usageError{"an agent token needs --rig and --agent"}
 	}
+	// The API's id rules, here: a token no endpoint would take is a
+	// mistake to report now, not at the first request.
+	ids := [][2]string{{"town", *town}}
+	if kind == "agent" {
+		ids = append(ids, [2]string{"rig", *rig}, [2]string{"agent", *agent})
+	}
+	for _, id := range ids {
+		if msg := model.CheckID(id[0], id[1]); msg != "" {
+			return usageError{"--" + id[0] + ": " + strings.TrimSuffix(msg, ".")}
+		}
+	}
 	if *ttl <= 0 {
 		return usageError{"--ttl must be positive"}
 	}
@@ -376,7 +387,7 @@ func cmdToken(args []string, stdout, stderr io.Writer) error {
 }
 
 // loadAuth is the server's token authority from AGENTSTREAM_SECRET or the
-// secret in data (generated there on first use).
+// secret in data, which the server made; it makes none.
 func loadAuth(data string) (*server.Auth, error) { return loadAuthFrom(data, "") }
 
 // loadAuthFrom is loadAuth where the secret may also be in a file of its
@@ -391,7 +402,7 @@ func loadAuthFrom(data, secretFile string) (*server.Auth, error) {
 	case secretFile != "":
 		secret, err = server.ReadSecretFile(secretFile)
 	default:
-		secret, err = server.LoadSecret(env, data)
+		secret, err = server.ReadSecret(env, data)
 	}
 	if err != nil {
 		return nil, err

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -166,18 +167,18 @@ func readEvents(t *testing.T, base, token string) []wireEvent {
 
 // TestKill9KeepsAcknowledgedEvents: every event the server acknowledged is
 // still there, in order, after kill -9 and a restart. Tokens come from the
-// token command on the same --data, before serve has ever run, so this also
-// proves that serve accepts them.
+// token command on the same --data, from the secret serve made there (mode
+// 0600), so this also proves that serve accepts them.
 func TestKill9KeepsAcknowledgedEvents(t *testing.T) {
 	bin := buildBinary(t)
 	data := filepath.Join(t.TempDir(), "data")
-	agent := runCmd(t, bin, "token", "agent", "--town", "t", "--rig", "r", "--agent", "a", "--data", data)
-	viewer := runCmd(t, bin, "token", "viewer", "--town", "t", "--data", data)
+	s := startServer(t, bin, data)
 	if fi, err := os.Stat(filepath.Join(data, "secret")); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("generated secret: %v, mode %v", err, fi.Mode())
 	}
+	agent := runCmd(t, bin, "token", "agent", "--town", "t", "--rig", "r", "--agent", "a", "--data", data)
+	viewer := runCmd(t, bin, "token", "viewer", "--town", "t", "--data", data)
 
-	s := startServer(t, bin, data)
 	var acked []int64
 	for i := range 100 {
 		acked = append(acked, postEvent(t, s.base, agent, fmt.Sprintf(`{"type":"step","data":{"n":%d}}`, i))...)
@@ -210,8 +211,18 @@ func TestKill9KeepsAcknowledgedEvents(t *testing.T) {
 	}
 }
 
+// writeSecret puts a secret in data, as serve makes one there.
+func writeSecret(t *testing.T, data string) {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(data, "secret"), []byte(strings.Repeat("ab", 32)+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestExitStatus(t *testing.T) {
-	t.Setenv("AGENTSTREAM_DATA", t.TempDir())
+	data := t.TempDir()
+	writeSecret(t, data)
+	t.Setenv("AGENTSTREAM_DATA", data)
 	t.Setenv("AGENTSTREAM_CONTAINER_SECRET", "")
 	cases := []struct {
 		args []string
@@ -237,6 +248,7 @@ func TestExitStatus(t *testing.T) {
 		{[]string{"emit", "--rig", "r", "--agent", "a"}, 2},
 		{[]string{"emit", "--rig", "r", "--agent", "a", "--token", "x", "extra"}, 2},
 		{[]string{"token", "viewer", "--town", "t"}, 0},
+		{[]string{"token", "viewer", "--town", "t", "--data", t.TempDir()}, 1}, // no secret there
 		{[]string{"help"}, 0},
 	}
 	for _, tc := range cases {
@@ -254,19 +266,14 @@ func TestExitStatus(t *testing.T) {
 // wins when both are given.
 func TestFlagBeatsEnvironment(t *testing.T) {
 	dirEnv, dirFlag := t.TempDir(), t.TempDir()
+	writeSecret(t, dirFlag)
 	t.Setenv("AGENTSTREAM_DATA", dirEnv)
-	var out bytes.Buffer
-	if run([]string{"token", "viewer", "--town", "t"}, &out, io.Discard) != 0 {
-		t.Fatal("token with AGENTSTREAM_DATA failed")
+	var errOut bytes.Buffer
+	if run([]string{"token", "viewer", "--town", "t"}, io.Discard, &errOut) != 1 || !strings.Contains(errOut.String(), filepath.Join(dirEnv, "secret")) {
+		t.Fatalf("token with AGENTSTREAM_DATA, which holds no secret: %q, want an error naming its secret's path", errOut.String())
 	}
-	if _, err := os.Stat(filepath.Join(dirEnv, "secret")); err != nil {
-		t.Fatalf("AGENTSTREAM_DATA was not used: %v", err)
-	}
-	if run([]string{"token", "viewer", "--town", "t", "--data", dirFlag}, &out, io.Discard) != 0 {
-		t.Fatal("token with --data failed")
-	}
-	if _, err := os.Stat(filepath.Join(dirFlag, "secret")); err != nil {
-		t.Fatalf("--data did not win over AGENTSTREAM_DATA: %v", err)
+	if run([]string{"token", "viewer", "--town", "t", "--data", dirFlag}, io.Discard, io.Discard) != 0 {
+		t.Fatal("--data did not win over AGENTSTREAM_DATA")
 	}
 }
 
@@ -275,8 +282,8 @@ func TestFlagBeatsEnvironment(t *testing.T) {
 func TestTailFollowsAcrossRestart(t *testing.T) {
 	bin := buildBinary(t)
 	data := filepath.Join(t.TempDir(), "data")
-	agent := runCmd(t, bin, "token", "agent", "--town", "t", "--rig", "r", "--agent", "a", "--data", data)
 	s := startServer(t, bin, data)
+	agent := runCmd(t, bin, "token", "agent", "--town", "t", "--rig", "r", "--agent", "a", "--data", data)
 	var acked []int64
 	for i := range 3 {
 		acked = append(acked, postEvent(t, s.base, agent, fmt.Sprintf(`{"type":"step","data":{"n":%d}}`, i))...)
@@ -403,11 +410,11 @@ func TestLimitAndSecretUsage(t *testing.T) {
 func TestTailWarnsOfGap(t *testing.T) {
 	bin := buildBinary(t)
 	data := filepath.Join(t.TempDir(), "data")
-	agent := runCmd(t, bin, "token", "agent", "--town", "t", "--rig", "r", "--agent", "a", "--data", data)
-	viewer := runCmd(t, bin, "token", "viewer", "--town", "t", "--data", data)
 	cmd := exec.Command(bin, "serve", "--addr", "127.0.0.1:0", "--data", data, "--log-format", "json", "--retain", "5")
 	cmd.Env = cleanEnv()
 	s := startListening(t, cmd, "listening")
+	agent := runCmd(t, bin, "token", "agent", "--town", "t", "--rig", "r", "--agent", "a", "--data", data)
+	viewer := runCmd(t, bin, "token", "viewer", "--town", "t", "--data", data)
 	for i := range 20 {
 		postEvent(t, s.base, agent, fmt.Sprintf(`{"type":"step","data":{"n":%d}}`, i))
 	}
@@ -514,9 +521,9 @@ func TestSecretFile(t *testing.T) {
 func TestTailTown(t *testing.T) {
 	bin := buildBinary(t)
 	data := filepath.Join(t.TempDir(), "data")
+	s := startServer(t, bin, data)
 	a := runCmd(t, bin, "token", "agent", "--town", "t", "--rig", "r", "--agent", "a", "--data", data)
 	b := runCmd(t, bin, "token", "agent", "--town", "t", "--rig", "r2", "--agent", "b", "--data", data)
-	s := startServer(t, bin, data)
 	postEvent(t, s.base, a, `{"type":"step"}`)
 	postEventTo(t, s.base, "r2", b, `{"type":"step"}`)
 	postEvent(t, s.base, a, `{"type":"agent.exited","data":{"reason":"completed","exit_code":0}}`)
@@ -549,4 +556,48 @@ func TestTailTown(t *testing.T) {
 		}
 	}
 	tail.interrupt()
+}
+
+// TestNoSilentSecret: only serve makes a data directory and a secret.
+// token, tail, run and emit, pointed at a directory with none (a mistyped
+// --data), fail, name the secret's path, and create nothing.
+func TestNoSilentSecret(t *testing.T) {
+	t.Setenv("AGENTSTREAM_SECRET", "")
+	missing := filepath.Join(t.TempDir(), "mistyped", "data")
+	for _, args := range [][]string{
+		{"token", "viewer", "--town", "t", "--data", missing},
+		{"token", "agent", "--town", "t", "--rig", "r", "--agent", "a", "--data", missing},
+		{"tail", "--town", "t", "--agent", "a", "--server", "http://127.0.0.1:1", "--data", missing},
+		{"run", "--town", "t", "--rig", "r", "--agent", "a", "--server", "http://127.0.0.1:1", "--data", missing, "--", "true"},
+		{"emit", "--town", "t", "--rig", "r", "--agent", "a", "--server", "http://127.0.0.1:1", "--data", missing},
+	} {
+		var out, errOut bytes.Buffer
+		code := run(args, &out, &errOut)
+		if code != 1 || !strings.Contains(errOut.String(), filepath.Join(missing, "secret")) || out.Len() > 0 {
+			t.Errorf("%v with no secret in --data: exit %d, stdout %q, stderr %q; want 1 and the secret's path", args, code, out.String(), errOut.String())
+		}
+		if _, err := os.Stat(filepath.Dir(missing)); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("%v created %s", args, filepath.Dir(missing))
+		}
+	}
+}
+
+// TestTokenChecksIDs: token refuses ids no endpoint would accept, naming
+// the flag, and mints nothing.
+func TestTokenChecksIDs(t *testing.T) {
+	t.Setenv("AGENTSTREAM_SECRET", strings.Repeat("s", 40))
+	for _, tc := range []struct {
+		args []string
+		flag string
+	}{
+		{[]string{"token", "viewer", "--town", "Bad Town"}, "--town"},
+		{[]string{"token", "agent", "--town", "t", "--rig", "r/1", "--agent", "a"}, "--rig"},
+		{[]string{"token", "agent", "--town", "t", "--rig", "r", "--agent", "has space"}, "--agent"},
+		{[]string{"token", "agent", "--town", "t", "--rig", "r", "--agent", strings.Repeat("a", 129)}, "--agent"},
+	} {
+		var out, errOut bytes.Buffer
+		if code := run(tc.args, &out, &errOut); code != 2 || out.Len() > 0 || !strings.Contains(errOut.String(), "agentstream: "+tc.flag+": ") {
+			t.Errorf("%v: exit %d, stdout %q, stderr %q; want 2 naming %s", tc.args, code, out.String(), errOut.String(), tc.flag)
+		}
+	}
 }

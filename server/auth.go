@@ -141,23 +141,25 @@ func (a *Auth) authenticate(r *http.Request) (*Claims, *apiError) {
 	if errors.Is(err, jwt.ErrTokenExpired) {
 		return nil, errorf(http.StatusUnauthorized, "token_expired", "The token has expired; mint a new one.")
 	}
+	if errors.Is(err, jwt.ErrTokenSignatureInvalid) {
+		return nil, errorf(http.StatusUnauthorized, "invalid_token", "The token's signature is invalid: it was likely minted "+
+			"with another secret than this server's (another --data directory, --secret-file or AGENTSTREAM_SECRET), or altered.")
+	}
 	if err != nil {
 		return nil, errorf(http.StatusUnauthorized, "invalid_token", "The token is not valid: "+err.Error()+".")
 	}
 	return c, nil
 }
 
-// LoadSecret returns the server secret: env when set, else the one stored in
-// dir/secret, generated there (mode 0600) on first use. The file is what lets
-// `agentstream token --data DIR` mint tokens a server on DIR accepts.
-//
-// A new secret is written durably — a temporary file, fsynced, linked into
-// place, and the directory fsynced — so that a crash or a power cut leaves
-// either no secret or the whole one, never an empty file. And none is
-// generated into a directory that already holds a database: that database's
-// tokens were minted with a secret that is lost, and a new one would
-// silently make every one of them invalid.
-func LoadSecret(env, dir string) ([]byte, error) {
+// ErrNoSecret is ReadSecret's error when the data directory holds no
+// secret.
+var ErrNoSecret = errors.New("no secret")
+
+// ReadSecret returns AGENTSTREAM_SECRET (env) if set, else the secret in
+// dir, and never makes one: the commands that mint tokens for a server
+// (token, tail, run, emit) use it, so that a mistyped --data is an error
+// that names the path rather than a new secret no server knows.
+func ReadSecret(env, dir string) ([]byte, error) {
 	if env != "" {
 		if len(env) < 32 {
 			return nil, fmt.Errorf("AGENTSTREAM_SECRET is %d bytes; at least 32 are needed (openssl rand -hex 32 makes one)", len(env))
@@ -166,16 +168,37 @@ func LoadSecret(env, dir string) ([]byte, error) {
 	}
 	path := filepath.Join(dir, "secret")
 	b, err := os.ReadFile(path)
-	if err == nil {
-		s := strings.TrimSpace(string(b))
-		if len(s) < 32 {
-			return nil, fmt.Errorf("secret in %s is too short; delete it to generate a new one", path)
-		}
-		return []byte(s), nil
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%w at %s: the server makes it when it first starts with --data %s; "+
+			"give the same --data as the server, or --token, or its AGENTSTREAM_SECRET", ErrNoSecret, path, dir)
 	}
-	if !errors.Is(err, os.ErrNotExist) {
+	if err != nil {
 		return nil, fmt.Errorf("read secret: %w", err)
 	}
+	s := strings.TrimSpace(string(b))
+	if len(s) < 32 {
+		return nil, fmt.Errorf("secret in %s is too short; delete it to generate a new one", path)
+	}
+	return []byte(s), nil
+}
+
+// LoadSecret returns the server secret: env when set, else the one stored in
+// dir/secret, generated there (mode 0600) on first use; only serve calls
+// it. The file is what lets `agentstream token --data DIR` mint tokens a
+// server on DIR accepts.
+//
+// A new secret is written durably — a temporary file, fsynced, linked into
+// place, and the directory fsynced — so that a crash or a power cut leaves
+// either no secret or the whole one, never an empty file. And none is
+// generated into a directory that already holds a database: that database's
+// tokens were minted with a secret that is lost, and a new one would
+// silently make every one of them invalid.
+func LoadSecret(env, dir string) ([]byte, error) {
+	secret, err := ReadSecret(env, dir)
+	if !errors.Is(err, ErrNoSecret) {
+		return secret, err
+	}
+	path := filepath.Join(dir, "secret")
 	if _, err := os.Stat(filepath.Join(dir, DBFile)); err == nil {
 		return nil, fmt.Errorf("%s holds a database but no secret (%s): the tokens of that database were signed with it. "+
 			"Put the secret back, or set AGENTSTREAM_SECRET to it; to start over with a new secret, move %s away first",

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/agentstream/agentstream/model"
 )
@@ -80,5 +81,21 @@ func TestNewSecretAndDataArePrivate(t *testing.T) {
 	}
 	if _, err := LoadSecret("short", dir); err == nil || !strings.Contains(err.Error(), "AGENTSTREAM_SECRET") {
 		t.Errorf("a short AGENTSTREAM_SECRET: %v", err)
+	}
+}
+
+// TestOtherSecretHinted: a token signed with another secret than the
+// server's (another --data, say) is refused with a message that says so.
+func TestOtherSecretHinted(t *testing.T) {
+	e := newEnv(t)
+	other, err := NewAuth([]byte(strings.Repeat("o", 32)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, _ := other.MintViewer("t1", time.Hour)
+	code, _, v := e.do("GET", "/api/towns/t1/agents", tok, "", nil)
+	msg, _ := v["error"].(map[string]any)["message"].(string)
+	if code != 401 || errCode(v) != "invalid_token" || !strings.Contains(msg, "another secret") {
+		t.Fatalf("a token of another secret: %d %v, want 401 invalid_token saying so", code, v)
 	}
 }

@@ -154,11 +154,22 @@ func startWith(kind, bin string, serveArgs, env []string) *server {
 	}
 	s := &server{dir: dir, naive: kind == "r3labs-naive"}
 	addr := freeAddr()
+	data := filepath.Join(dir, "data")
 	if s.naive {
 		self, _ := os.Executable()
 		s.cmd = exec.Command(self, "-naive-serve", addr)
 	} else {
-		data := filepath.Join(dir, "data")
+		s.cmd = exec.Command(bin, append([]string{"serve", "--addr", addr, "--data", data, "--log-format", "json"}, serveArgs...)...)
+		s.cmd.Env = append(append(os.Environ(), "GODEBUG="), env...)
+	}
+	s.cmd.Stderr = io.Discard
+	if err := s.cmd.Start(); err != nil {
+		log.Fatal(err)
+	}
+	s.base = "http://" + addr
+	waitHealthy(s.base)
+	if !s.naive {
+		// Minted once serve runs: it makes the secret they are signed with.
 		tok := func(args ...string) string {
 			cmd := exec.Command(bin, append([]string{"token"}, append(args, "--data", data)...)...)
 			cmd.Env = append(os.Environ(), env...)
@@ -170,15 +181,7 @@ func startWith(kind, bin string, serveArgs, env []string) *server {
 		}
 		s.agent = tok("agent", "--town", "load", "--rig", "r", "--agent", "a")
 		s.viewer = tok("viewer", "--town", "load")
-		s.cmd = exec.Command(bin, append([]string{"serve", "--addr", addr, "--data", data, "--log-format", "json"}, serveArgs...)...)
-		s.cmd.Env = append(append(os.Environ(), "GODEBUG="), env...)
 	}
-	s.cmd.Stderr = io.Discard
-	if err := s.cmd.Start(); err != nil {
-		log.Fatal(err)
-	}
-	s.base = "http://" + addr
-	waitHealthy(s.base)
 	return s
 }
 
