@@ -17,6 +17,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -44,6 +45,7 @@ Usage:
   agentstream token agent  --town T --rig R --agent A [--ttl 24h] [--data DIR]
   agentstream token viewer --town T [--ttl 24h] [--data DIR]
   agentstream tail  --town T [--agent A | --rig R] [--types P,...] [--server URL] [--after N] [--json] [--token T | --data DIR]
+  agentstream version
 
 Every flag also reads AGENTSTREAM_<FLAG> from the environment; a flag wins.
 The container's secret is AGENTSTREAM_CONTAINER_SECRET, for container and
@@ -105,15 +107,48 @@ func dispatch(args []string, stdout, stderr io.Writer) error {
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil
+	case "version", "--version", "-version":
+		fmt.Fprintln(stdout, version())
+		return nil
 	}
 	fmt.Fprint(stderr, usage)
 	return usageError{fmt.Sprintf("unknown command %q", args[0])}
 }
 
-// newFlags returns a FlagSet that reports errors instead of exiting.
-func newFlags(name string, stderr io.Writer) *flag.FlagSet {
+// version describes this build from its build info: the module's version
+// ("(devel)" for a build from a checkout), the VCS revision and time it
+// was built from, whether the tree had changes, and the Go version.
+func version() string {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "agentstream: no build information"
+	}
+	v := "agentstream " + bi.Main.Version
+	settings := map[string]string{}
+	for _, s := range bi.Settings {
+		settings[s.Key] = s.Value
+	}
+	if rev := settings["vcs.revision"]; rev != "" {
+		v += " revision " + rev
+		if t := settings["vcs.time"]; t != "" {
+			v += " (" + t + ")"
+		}
+		if settings["vcs.modified"] == "true" {
+			v += " with local changes"
+		}
+	}
+	return v + ", " + bi.GoVersion
+}
+
+// newFlags returns a FlagSet that reports errors instead of exiting, and
+// whose -h prints form, the command's synopsis, before its flags.
+func newFlags(name, form string, stderr io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: agentstream %s\n\nFlags:\n", form)
+		fs.PrintDefaults()
+	}
 	return fs
 }
 
@@ -152,7 +187,7 @@ func parseArgs(fs *flag.FlagSet, args []string) ([]string, error) {
 }
 
 func cmdServe(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("serve", stderr)
+	fs := newFlags("serve", "serve [flags]", stderr)
 	addr := fs.String("addr", "127.0.0.1:8080", "listen address")
 	data := fs.String("data", "./agentstream-data", "data directory: SQLite file and generated secret")
 	db := fs.String("db", "", "database: sqlite:PATH (default DATA/agentstream.db)")
@@ -250,7 +285,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 }
 
 func cmdContainer(args []string, stderr io.Writer) error {
-	fs := newFlags("container", stderr)
+	fs := newFlags("container", "container [flags]", stderr)
 	addr := fs.String("addr", "127.0.0.1:8090", "listen address of the control API")
 	grace := fs.Duration("grace", 10*time.Second, "time from SIGTERM to SIGKILL when an agent is stopped")
 	ttl := fs.Duration("ttl", 5*time.Minute, "how long an exited agent's events are kept")
@@ -334,20 +369,55 @@ func newLogger(format string, w io.Writer) (*slog.Logger, error) {
 	return nil, usageError{fmt.Sprintf("--log-format must be text or json, not %q", format)}
 }
 
+// tokenFlags is token's flag set for kind: an agent's has --rig and
+// --agent, a viewer's does not.
+type tokenFlags struct {
+	fs                                 *flag.FlagSet
+	town, rig, agent, data, secretFile *string
+	ttl                                *time.Duration
+}
+
+func newTokenFlags(kind string, stderr io.Writer) *tokenFlags {
+	form := "token viewer --town T [flags]"
+	if kind == "agent" {
+		form = "token agent --town T --rig R --agent A [flags]"
+	}
+	f := &tokenFlags{fs: newFlags("token "+kind, form, stderr)}
+	fs := f.fs
+	f.town = fs.String("town", "", "town the token is for")
+	if kind == "agent" {
+		f.rig = fs.String("rig", "", "rig of the agent")
+		f.agent = fs.String("agent", "", "agent id, the token's subject")
+	}
+	f.ttl = fs.Duration("ttl", 24*time.Hour, "token lifetime")
+	f.data = fs.String("data", "./agentstream-data", "data directory holding the server's secret (serve makes it there)")
+	f.secretFile = fs.String("secret-file", "", "file holding the signing secret shared by several servers (instead of --data's)")
+	return f
+}
+
 func cmdToken(args []string, stdout, stderr io.Writer) error {
+	if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "-help" || args[0] == "help") {
+		// The help of both kinds.
+		for _, kind := range []string{"agent", "viewer"} {
+			f := newTokenFlags(kind, stdout)
+			f.fs.SetOutput(stdout)
+			f.fs.Usage()
+			fmt.Fprintln(stdout)
+		}
+		return nil
+	}
 	if len(args) == 0 || (args[0] != "agent" && args[0] != "viewer") {
-		return usageError{"token needs a kind: agent or viewer"}
+		return usageError{"token needs a kind: agent or viewer (agentstream token --help)"}
 	}
 	kind := args[0]
-	fs := newFlags("token "+kind, stderr)
-	town := fs.String("town", "", "town the token is for")
-	rig := fs.String("rig", "", "rig of the agent (agent tokens)")
-	agent := fs.String("agent", "", "agent id, the token's subject (agent tokens)")
-	ttl := fs.Duration("ttl", 24*time.Hour, "token lifetime")
-	data := fs.String("data", "./agentstream-data", "data directory holding the server's secret")
-	secretFile := fs.String("secret-file", "", "file holding the signing secret shared by several servers (instead of --data's)")
-	if err := parse(fs, args[1:]); err != nil {
+	f := newTokenFlags(kind, stderr)
+	if err := parse(f.fs, args[1:]); err != nil {
 		return err
+	}
+	town, data, secretFile, ttl := f.town, f.data, f.secretFile, f.ttl
+	rig, agent := new(string), new(string)
+	if kind == "agent" {
+		rig, agent = f.rig, f.agent
 	}
 	if *town == "" {
 		return usageError{"--town is required"}
@@ -411,7 +481,7 @@ func loadAuthFrom(data, secretFile string) (*server.Auth, error) {
 }
 
 func cmdTail(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("tail", stderr)
+	fs := newFlags("tail", "tail --town T [--agent A | --rig R] [flags]", stderr)
 	town := fs.String("town", "", "town to follow (all its agents, unless --agent)")
 	agent := fs.String("agent", "", "agent to follow; none: every agent of the town, one stream")
 	rig := fs.String("rig", "", "with no --agent: only this rig's agents")
@@ -559,7 +629,7 @@ func (p *poster) sink(cmd string, stderr io.Writer) (*server.IngestClient, error
 }
 
 func cmdRun(args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("run", stderr)
+	fs := newFlags("run", "run --rig R --agent A [--token T | --town T] [flags] -- COMMAND [ARG...]", stderr)
 	p := posterFlags(fs)
 	command, err := parseArgs(fs, args)
 	if err != nil {
@@ -596,7 +666,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) error {
 
 // cmdEmit posts the lines of stdin as events, by the container's line rules.
 func cmdEmit(args []string, stdin io.Reader, stderr io.Writer) error {
-	fs := newFlags("emit", stderr)
+	fs := newFlags("emit", "emit --rig R --agent A [--token T | --town T] [flags] < LINES", stderr)
 	p := posterFlags(fs)
 	if err := parse(fs, args); err != nil {
 		return err

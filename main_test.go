@@ -22,7 +22,9 @@ import (
 func buildBinary(t *testing.T) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "agentstream")
-	args := []string{"build", "-o", bin}
+	// -buildvcs=auto: stamp the VCS revision where git can give it (for
+	// the version command), whatever GOFLAGS says.
+	args := []string{"build", "-buildvcs=auto", "-o", bin}
 	if raceEnabled {
 		args = append(args, "-race")
 	}
@@ -598,6 +600,49 @@ func TestTokenChecksIDs(t *testing.T) {
 		var out, errOut bytes.Buffer
 		if code := run(tc.args, &out, &errOut); code != 2 || out.Len() > 0 || !strings.Contains(errOut.String(), "agentstream: "+tc.flag+": ") {
 			t.Errorf("%v: exit %d, stdout %q, stderr %q; want 2 naming %s", tc.args, code, out.String(), errOut.String(), tc.flag)
+		}
+	}
+}
+
+// TestHelpAndVersion: every command's -h shows its synopsis; token's help
+// shows both kinds, and a viewer's has no agent flags; run's shows the
+// "-- COMMAND" form. version and --version print the build's version, and
+// the VCS revision it was built from where git knows it.
+func TestHelpAndVersion(t *testing.T) {
+	help := func(args ...string) string {
+		t.Helper()
+		var out, errOut bytes.Buffer
+		if code := run(args, &out, &errOut); code != 0 {
+			t.Fatalf("%v: exit %d (%s)", args, code, errOut.String())
+		}
+		return out.String() + errOut.String()
+	}
+	for cmd, want := range map[string]string{
+		"serve": "Usage: agentstream serve [flags]", "container": "Usage: agentstream container [flags]",
+		"tail": "Usage: agentstream tail --town T", "emit": "Usage: agentstream emit --rig R --agent A",
+		"run": "[flags] -- COMMAND [ARG...]",
+	} {
+		if h := help(cmd, "-h"); !strings.Contains(h, want) {
+			t.Errorf("%s -h: %q lacks %q", cmd, h, want)
+		}
+	}
+	both := help("token", "--help")
+	if !strings.Contains(both, "token agent --town T --rig R --agent A") || !strings.Contains(both, "token viewer --town T") {
+		t.Errorf("token --help does not show both kinds: %q", both)
+	}
+	if viewer := help("token", "viewer", "--help"); strings.Contains(viewer, "-agent") || strings.Contains(viewer, "-rig") {
+		t.Errorf("token viewer --help shows agent flags: %q", viewer)
+	}
+
+	bin := buildBinary(t)
+	want := "agentstream "
+	if rev, err := exec.Command("git", "rev-parse", "HEAD").Output(); err == nil {
+		want = "revision " + strings.TrimSpace(string(rev))
+	}
+	for _, arg := range []string{"version", "--version"} {
+		out := runCmd(t, bin, arg)
+		if !strings.HasPrefix(out, "agentstream ") || !strings.Contains(out, want) || !strings.Contains(out, "go1.") {
+			t.Errorf("agentstream %s: %q, want the version, %q and the Go version", arg, out, want)
 		}
 	}
 }
