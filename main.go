@@ -14,6 +14,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"net/http"
 	"net/url"
 	"os"
 	"os/signal"
@@ -530,6 +531,11 @@ func cmdTail(args []string, stdout, stderr io.Writer) error {
 	if len(q) > 0 {
 		u += "?" + q.Encode()
 	}
+	if *after == 0 {
+		if msg := waitingLine(ctx, *srv, *token, *town, *agent); msg != "" {
+			fmt.Fprintln(stderr, msg)
+		}
+	}
 	err := transport.Follow(ctx, transport.FollowOptions{
 		URL: u, Token: *token, After: *after,
 		OnEvent: func(id int64, data []byte) bool {
@@ -564,6 +570,42 @@ func cmdTail(args []string, stdout, stderr io.Writer) error {
 		return nil
 	}
 	return err
+}
+
+// waitingLine is what tail says before following an agent (or a town)
+// that has no events yet, so that a quiet terminal is not taken for a
+// hang; "" when it has some, or when the server cannot say.
+func waitingLine(ctx context.Context, srv, token, town, agent string) string {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimRight(srv, "/")+"/api/towns/"+url.PathEscape(town)+"/agents", nil)
+	if err != nil {
+		return ""
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
+	if err != nil {
+		return "" // the stream's own reconnects say what is wrong
+	}
+	defer resp.Body.Close()
+	var list struct {
+		Agents []struct {
+			AgentID string `json:"agent_id"`
+		} `json:"agents"`
+	}
+	if resp.StatusCode != http.StatusOK || json.NewDecoder(resp.Body).Decode(&list) != nil {
+		return ""
+	}
+	if agent == "" {
+		if len(list.Agents) == 0 {
+			return fmt.Sprintf("agentstream: town %s has no events yet; waiting for the first", town)
+		}
+		return ""
+	}
+	for _, a := range list.Agents {
+		if a.AgentID == agent {
+			return ""
+		}
+	}
+	return fmt.Sprintf("agentstream: %s of town %s has no events yet; waiting for its first", agent, town)
 }
 
 // noticeLine is what tail prints for a stream notice: a gap is a warning

@@ -646,3 +646,58 @@ func TestHelpAndVersion(t *testing.T) {
 		}
 	}
 }
+
+// TestTailSaysItWaits: tail of an agent with no events yet says so, once,
+// on stderr, then prints the agent's first event when it comes.
+func TestTailSaysItWaits(t *testing.T) {
+	bin := buildBinary(t)
+	data := filepath.Join(t.TempDir(), "data")
+	s := startServer(t, bin, data)
+	agent := runCmd(t, bin, "token", "agent", "--town", "t", "--rig", "r", "--agent", "a", "--data", data)
+	cmd := exec.Command(bin, "tail", "--town", "t", "--agent", "a", "--server", s.base, "--data", data, "--json")
+	cmd.Env = cleanEnv()
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	errLine := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		if sc.Scan() {
+			errLine <- sc.Text()
+		}
+	}()
+	select {
+	case l := <-errLine:
+		if l != "agentstream: a of town t has no events yet; waiting for its first" {
+			t.Fatalf("tail's stderr: %q", l)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("tail said nothing for 30 s about the agent with no events")
+	}
+	id := postEvent(t, s.base, agent, `{"type":"step"}`)[0]
+	line := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		if sc.Scan() {
+			line <- sc.Text()
+		}
+	}()
+	select {
+	case l := <-line:
+		var ev wireEvent
+		if err := json.Unmarshal([]byte(l), &ev); err != nil || ev.ID != id {
+			t.Fatalf("tail printed %q, want event %d", l, id)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("tail printed nothing for 30 s after the first event")
+	}
+}
