@@ -228,6 +228,9 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	if *ingestEventBurst < server.MaxBatch || *ingestByteBurst < server.MaxBodyBytes {
 		return usageError{fmt.Sprintf("--ingest-burst must be at least %d and --ingest-bytes-burst at least %d: a full request must fit", server.MaxBatch, server.MaxBodyBytes)}
 	}
+	if err := checkSecretEnv(); err != nil {
+		return err
+	}
 	if *secretFile != "" && os.Getenv("AGENTSTREAM_SECRET") != "" {
 		return usageError{"give the secret once: AGENTSTREAM_SECRET or --secret-file, not both"}
 	}
@@ -457,6 +460,15 @@ func cmdToken(args []string, stdout, stderr io.Writer) error {
 	return nil
 }
 
+// checkSecretEnv refuses a set AGENTSTREAM_SECRET that is too short, as
+// bad usage naming the variable.
+func checkSecretEnv() error {
+	if v := os.Getenv("AGENTSTREAM_SECRET"); v != "" && len(v) < server.MinSecretLen {
+		return usageError{fmt.Sprintf("AGENTSTREAM_SECRET is %d bytes; at least %d are needed (openssl rand -hex 32 makes one)", len(v), server.MinSecretLen)}
+	}
+	return nil
+}
+
 // loadAuth is the server's token authority from AGENTSTREAM_SECRET or the
 // secret in data, which the server made; it makes none.
 func loadAuth(data string) (*server.Auth, error) { return loadAuthFrom(data, "") }
@@ -464,6 +476,9 @@ func loadAuth(data string) (*server.Auth, error) { return loadAuthFrom(data, "")
 // loadAuthFrom is loadAuth where the secret may also be in a file of its
 // own (--secret-file): then no data directory is read or made.
 func loadAuthFrom(data, secretFile string) (*server.Auth, error) {
+	if err := checkSecretEnv(); err != nil {
+		return nil, err
+	}
 	env := os.Getenv("AGENTSTREAM_SECRET")
 	var secret []byte
 	var err error

@@ -394,11 +394,17 @@ func TestLimitAndSecretUsage(t *testing.T) {
 		{"", []string{"serve", "--max-streams-per-town", "0"}, "--max-streams-per-town"},
 		{"", []string{"serve", "--body-timeout", "0s"}, "--body-timeout"},
 		{"short", []string{"container"}, "AGENTSTREAM_CONTAINER_SECRET"},
+		{"", []string{"serve", "--addr", "127.0.0.1:0"}, "AGENTSTREAM_SECRET is 5 bytes"},
+		{"", []string{"token", "viewer", "--town", "t"}, "AGENTSTREAM_SECRET is 5 bytes"},
 		{strings.Repeat("k", 32), []string{"container", "--agent-env", "all"}, "--agent-env"},
 		{strings.Repeat("k", 32), []string{"container", "--agent-env", "minimal", "--agent-env-allow", "AGENTSTREAM_SECRET"}, "--agent-env-allow"},
 	}
 	for _, tc := range cases {
 		t.Setenv("AGENTSTREAM_CONTAINER_SECRET", tc.env)
+		t.Setenv("AGENTSTREAM_SECRET", "")
+		if strings.Contains(tc.says, "AGENTSTREAM_SECRET is") {
+			t.Setenv("AGENTSTREAM_SECRET", "short")
+		}
 		var out, errOut bytes.Buffer
 		if got := run(tc.args, &out, &errOut); got != 2 || !strings.Contains(errOut.String(), tc.says) {
 			t.Errorf("agentstream %v: exit %d, stderr %q; want 2 naming %s", tc.args, got, errOut.String(), tc.says)

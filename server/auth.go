@@ -35,7 +35,11 @@ type Auth struct {
 	key []byte
 }
 
-// NewAuth returns an Auth for secret, which must be at least 32 bytes.
+// MinSecretLen is the shortest signing secret accepted, in bytes.
+const MinSecretLen = 32
+
+// NewAuth returns an Auth for secret, which must be at least MinSecretLen
+// bytes.
 func NewAuth(secret []byte) (*Auth, error) {
 	if len(secret) < 32 {
 		return nil, fmt.Errorf("secret is %d bytes; at least 32 are needed", len(secret))

@@ -2,12 +2,14 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"sync"
 	"syscall"
@@ -78,12 +80,40 @@ type Config struct {
 	Out          io.Writer // where the dashboard link is printed
 }
 
+// loadKeyPair reads a TLS certificate and key, with errors that name the
+// flag of the file at fault.
+func loadKeyPair(certFile, keyFile string) (tls.Certificate, error) {
+	certPEM, err := os.ReadFile(certFile)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("--tls-cert: %w", err)
+	}
+	keyPEM, err := os.ReadFile(keyFile)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("--tls-key: %w", err)
+	}
+	c, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("--tls-cert %s and --tls-key %s: %w", certFile, keyFile, err)
+	}
+	return c, nil
+}
+
 // Serve runs the server until ctx ends, then stops accepting, lets in-flight
 // requests finish, and closes the store. It returns nil after a clean stop.
 func Serve(ctx context.Context, cfg Config) error {
 	log := cfg.Log
 	if log == nil {
 		log = slog.Default()
+	}
+	// The certificate first: a missing or bad file is an error naming its
+	// flag, before anything listens or logs an https address.
+	var cert *tls.Certificate
+	if cfg.TLSCert != "" {
+		c, err := loadKeyPair(cfg.TLSCert, cfg.TLSKey)
+		if err != nil {
+			return err
+		}
+		cert = &c
 	}
 	var secret []byte
 	var err error
@@ -202,8 +232,12 @@ func Serve(ctx context.Context, cfg Config) error {
 
 	serveErr := make(chan error, 1)
 	go func() {
-		if cfg.TLSCert != "" {
-			serveErr <- srv.ServeTLS(ln, cfg.TLSCert, cfg.TLSKey)
+		if cert != nil {
+			if srv.TLSConfig == nil {
+				srv.TLSConfig = &tls.Config{}
+			}
+			srv.TLSConfig.Certificates = []tls.Certificate{*cert}
+			serveErr <- srv.ServeTLS(ln, "", "")
 			return
 		}
 		serveErr <- srv.Serve(ln)

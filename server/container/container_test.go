@@ -440,6 +440,20 @@ func TestBadRequests(t *testing.T) {
 	if list := e.c.Agents(); len(list) != 0 {
 		t.Fatalf("bad requests started %+v", list)
 	}
+	// A field keeps its name as written: agent_id, not Agent_id.
+	req, _ := http.NewRequest("POST", e.url+"/agents", strings.NewReader(`{"agent_id":"Bad Id","command":["true"]}`))
+	req.Header.Set("Authorization", "Bearer "+testSecret)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var body struct{ Error struct{ Message string } }
+	json.NewDecoder(resp.Body).Decode(&body)
+	resp.Body.Close()
+	if !strings.HasPrefix(body.Error.Message, `agent_id "Bad Id" has a character outside`) {
+		t.Fatalf("message %q, want it to start with the field's own name", body.Error.Message)
+	}
 	if _, err := os.Stat(marker); err == nil {
 		t.Fatal("a refused request ran its command")
 	}

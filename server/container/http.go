@@ -141,11 +141,15 @@ func intParam(v string, def, lo, hi int64) (int64, error) {
 	return n, nil
 }
 
+// sentence makes an error a sentence: a capital first letter, unless the
+// first word is a name as written on the wire (agent_id), and a period.
 func sentence(s string) string {
 	if s == "" {
 		return s
 	}
-	s = strings.ToUpper(s[:1]) + s[1:]
+	if first, _, _ := strings.Cut(s, " "); !strings.ContainsAny(first, "_\"-") {
+		s = strings.ToUpper(s[:1]) + s[1:]
+	}
 	if !strings.HasSuffix(s, ".") {
 		s += "."
 	}
