@@ -171,19 +171,16 @@ func (f *feed) poll() error {
 		if len(evs) == 0 {
 			return nil
 		}
+		lost := false
 		if m := f.s.opts.MinRetained; first && m > 0 && len(evs) >= min(m, f.s.opts.PageSize) {
 			// Only a feed this far behind can have had events pruned
 			// before it read them (retention keeps each agent's newest
 			// MinRetained, all of them after the cursor then).
-			lost, err := f.prunedPast(f.cursor)
-			if err != nil {
+			if lost, err = f.prunedPast(f.cursor); err != nil {
 				return err
 			}
-			if lost {
-				f.lose(evs[0].ID - 1)
-			}
 		}
-		f.publish(evs)
+		f.publish(evs, lost)
 		if len(evs) < f.s.opts.PageSize {
 			return nil
 		}
@@ -193,11 +190,26 @@ func (f *feed) poll() error {
 // publish fans events out to every live subscriber. A subscriber whose queue
 // is full is taken off the live path (it catches up by itself later), so
 // publish never waits for anyone.
-func (f *feed) publish(evs []model.Event) {
+//
+// afterLoss says that events before evs were pruned before the feed read
+// them: its live subscribers, who would not see those, are first demoted,
+// to catch up from the Source, which tells each its gap; and the ring
+// starts over before evs, since it no longer holds every event after its
+// old base. Both in the critical section of the fan-out: a demoted
+// subscriber must not rejoin the live path at the old cursor before evs go
+// out.
+func (f *feed) publish(evs []model.Event, afterLoss bool) {
 	items := itemsFor(make([]*Item, 0, len(evs)), evs)
 	now := time.Now()
 	budget := f.s.opts.StreamBytes
 	f.mu.Lock()
+	if afterLoss {
+		for len(f.live) > 0 {
+			f.demote(len(f.live) - 1)
+		}
+		clear(f.ring.buf)
+		f.ring.start, f.ring.n, f.ring.bytes, f.ring.base = 0, 0, 0, evs[0].ID-1
+	}
 	for _, it := range items {
 		f.ring.push(it)
 		f.cursor = it.ID
@@ -243,20 +255,6 @@ func (f *feed) prunedPast(cursor int64) (bool, error) {
 	}
 	pruned, err := f.s.src.PrunedThrough(f.ctx, f.key)
 	return pruned > cursor, err
-}
-
-// lose handles events pruned before the feed read them: its live
-// subscribers, who would not see them, are demoted, to catch up from the
-// Source, which tells each its gap; the ring starts over after base, since
-// it no longer holds every event after its old base.
-func (f *feed) lose(base int64) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	for len(f.live) > 0 {
-		f.demote(len(f.live) - 1)
-	}
-	clear(f.ring.buf)
-	f.ring.start, f.ring.n, f.ring.bytes, f.ring.base = 0, 0, 0, base
 }
 
 // demote takes live[j] off the live path. Called with mu held.

@@ -188,7 +188,12 @@ func TestFeedBehindRetention(t *testing.T) {
 			got, err := sub.Next(rctx, nil, 100)
 			var gap *GapError
 			if !errors.As(err, &gap) {
-				t.Fatalf("after the pruned burst: %v %v, want a gap first", got, err)
+				var ids []int64
+				for _, it := range got {
+					ids = append(ids, it.ID)
+				}
+				marks, _ := e.store.PrunedAfter(ctx, "t", 0)
+				t.Fatalf("after the pruned burst: %v %v, want a gap first (kept %v, first %d, marks %+v, feed %d)", ids, err, kept, first, marks, e.feedCursor(k))
 			}
 			var ids []int64
 			for len(ids) < len(kept) {
