@@ -357,10 +357,19 @@ func runOn(s *server, subsOn []*server, transport string, n, rate int, d time.Du
 		}
 	}
 	wg.Wait()
-	var r result
+	return tally(subs, total, cpu, func(int, int) bool { return true })
+}
+
+// tally counts what subscribers got of seq 0 to total-1: each should have
+// got, once, every seq that wants(subscriber, seq) says.
+func tally(subs []*subscriber, total int, cpu float64, wants func(sub, seq int) bool) result {
+	r := result{cpu: cpu}
 	var lat []time.Duration
-	for _, sub := range subs {
+	for i, sub := range subs {
 		for seq := range total {
+			if !wants(i, seq) {
+				continue
+			}
 			switch c := sub.seen[seq]; {
 			case c == 0:
 				r.lost++
@@ -375,7 +384,6 @@ func runOn(s *server, subsOn []*server, transport string, n, rate int, d time.Du
 	if len(lat) > 0 {
 		r.p50, r.p99 = lat[len(lat)/2], lat[len(lat)*99/100]
 	}
-	r.cpu = cpu
 	return r
 }
 

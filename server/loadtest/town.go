@@ -5,7 +5,6 @@ import (
 	"log"
 	"net"
 	"net/http"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -113,27 +112,5 @@ func runTown(s *server, secret, transport string, town bool, agents, perAgent, v
 		}
 	}
 	wg.Wait()
-	var r result
-	var lat []time.Duration
-	for i, sub := range subs {
-		for seq := range total {
-			if !town && seq%agents != i%agents {
-				continue
-			}
-			switch c := sub.seen[seq]; {
-			case c == 0:
-				r.lost++
-			case c > 1:
-				r.dup += c - 1
-			}
-		}
-		r.delivered += len(sub.lat)
-		lat = append(lat, sub.lat...)
-	}
-	slices.Sort(lat)
-	if len(lat) > 0 {
-		r.p50, r.p99 = lat[len(lat)/2], lat[len(lat)*99/100]
-	}
-	r.cpu = cpu
-	return r
+	return tally(subs, total, cpu, func(sub, seq int) bool { return town || seq%agents == sub%agents })
 }
