@@ -43,7 +43,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -303,27 +302,7 @@ func run(s *server, transport string, n, rate int, d time.Duration) result {
 // runOn is run with the subscribers spread over several servers (round
 // robin), the events posted to s, and the CPU time of them all.
 func runOn(s *server, subsOn []*server, transport string, n, rate int, d time.Duration) result {
-	subs := make([]*subscriber, n)
-	conns := make([]net.Conn, n)
-	var ready sync.WaitGroup
-	var wg sync.WaitGroup
-	for i := range subs {
-		subs[i] = &subscriber{seen: map[int]int{}}
-		ready.Add(1)
-		wg.Go(func() {
-			conn, r, err := dial(subsOn[i%len(subsOn)], transport)
-			if err != nil {
-				log.Printf("subscriber %d: %v", i, err)
-				ready.Done()
-				return
-			}
-			conns[i] = conn
-			ready.Done()
-			read(transport, r, subs[i])
-		})
-	}
-	ready.Wait()
-	time.Sleep(500 * time.Millisecond) // let every stream reach the live path
+	a := listen(n, transport, func(i int) (net.Conn, io.Reader, error) { return dial(subsOn[i%len(subsOn)], transport) })
 	total := int(d.Seconds() * float64(rate))
 	pub := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 8}}
 	cpuOf := func() float64 {
@@ -334,30 +313,71 @@ func runOn(s *server, subsOn []*server, transport string, n, rate int, d time.Du
 		return c
 	}
 	cpu0 := cpuOf()
-	tick := time.NewTicker(time.Second / time.Duration(rate))
-	var posted atomic.Int64
-	var pubs sync.WaitGroup
-	for seq := range total {
-		<-tick.C
-		pubs.Go(func() {
-			if err := s.publish(pub, seq); err != nil {
-				log.Printf("publish %d: %v", seq, err)
+	publishAll(total, rate, func(seq int) error { return s.publish(pub, seq) })
+	waitQuiet(a.subs)
+	cpu := cpuOf() - cpu0
+	a.close()
+	return tally(a.subs, total, cpu, func(int, int) bool { return true })
+}
+
+// audience is the subscribers of a scenario, each reading its stream until
+// its connection is closed.
+type audience struct {
+	subs  []*subscriber
+	conns []net.Conn
+	wg    sync.WaitGroup
+}
+
+// listen opens n streams, stream i with dial(i), and returns once all are
+// open and have had time to reach the live path.
+func listen(n int, transport string, dial func(i int) (net.Conn, io.Reader, error)) *audience {
+	a := &audience{subs: make([]*subscriber, n), conns: make([]net.Conn, n)}
+	var ready sync.WaitGroup
+	for i := range a.subs {
+		a.subs[i] = &subscriber{seen: map[int]int{}}
+		ready.Add(1)
+		a.wg.Go(func() {
+			conn, r, err := dial(i)
+			if err != nil {
+				log.Printf("subscriber %d: %v", i, err)
+				ready.Done()
 				return
 			}
-			posted.Add(1)
+			a.conns[i] = conn
+			ready.Done()
+			read(transport, r, a.subs[i])
 		})
 	}
-	tick.Stop()
-	pubs.Wait()
-	waitQuiet(subs)
-	cpu := cpuOf() - cpu0
-	for _, c := range conns {
+	ready.Wait()
+	time.Sleep(500 * time.Millisecond) // let every stream reach the live path
+	return a
+}
+
+// close ends every stream and waits for its reader.
+func (a *audience) close() {
+	for _, c := range a.conns {
 		if c != nil {
 			c.Close()
 		}
 	}
-	wg.Wait()
-	return tally(subs, total, cpu, func(int, int) bool { return true })
+	a.wg.Wait()
+}
+
+// publishAll posts seq 0 to total-1, rate a second, each with post on a
+// goroutine of its own, and waits for them all. A failed post is logged.
+func publishAll(total, rate int, post func(seq int) error) {
+	tick := time.NewTicker(time.Second / time.Duration(rate))
+	defer tick.Stop()
+	var pubs sync.WaitGroup
+	for seq := range total {
+		<-tick.C
+		pubs.Go(func() {
+			if err := post(seq); err != nil {
+				log.Printf("publish %d: %v", seq, err)
+			}
+		})
+	}
+	pubs.Wait()
 }
 
 // tally counts what subscribers got of seq 0 to total-1: each should have

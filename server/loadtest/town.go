@@ -2,12 +2,11 @@ package main
 
 import (
 	"fmt"
+	"io"
 	"log"
 	"net"
 	"net/http"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	agentstream "github.com/agentstream/agentstream/server"
@@ -61,56 +60,19 @@ func runTown(s *server, secret, transport string, town bool, agents, perAgent, v
 			log.Fatal(err)
 		}
 	}
-	subs := make([]*subscriber, viewers)
-	conns := make([]net.Conn, viewers)
-	var ready, wg sync.WaitGroup
-	for i := range subs {
-		subs[i] = &subscriber{seen: map[int]int{}}
-		path := "/api/towns/load/stream"
-		if !town {
-			path = fmt.Sprintf("/api/towns/load/container/agents/a%d/stream", i%agents)
+	a := listen(viewers, transport, func(i int) (net.Conn, io.Reader, error) {
+		if town {
+			return dialPath(s, transport, "/api/towns/load/stream")
 		}
-		ready.Add(1)
-		wg.Go(func() {
-			conn, r, err := dialPath(s, transport, path)
-			if err != nil {
-				log.Printf("viewer %d: %v", i, err)
-				ready.Done()
-				return
-			}
-			conns[i] = conn
-			ready.Done()
-			read(transport, r, subs[i])
-		})
-	}
-	ready.Wait()
-	time.Sleep(500 * time.Millisecond) // let every stream reach the live path
+		return dialPath(s, transport, fmt.Sprintf("/api/towns/load/container/agents/a%d/stream", i%agents))
+	})
 	pub := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
 	rate := agents * perAgent
 	total := int(d.Seconds() * float64(rate))
 	cpu0 := s.cpu()
-	tick := time.NewTicker(time.Second / time.Duration(rate))
-	var posted atomic.Int64
-	var pubs sync.WaitGroup
-	for seq := range total {
-		<-tick.C
-		pubs.Go(func() {
-			if err := s.publishAs(pub, tokens[seq%agents], seq); err != nil {
-				log.Printf("publish %d: %v", seq, err)
-				return
-			}
-			posted.Add(1)
-		})
-	}
-	tick.Stop()
-	pubs.Wait()
-	waitQuiet(subs)
+	publishAll(total, rate, func(seq int) error { return s.publishAs(pub, tokens[seq%agents], seq) })
+	waitQuiet(a.subs)
 	cpu := s.cpu() - cpu0
-	for _, c := range conns {
-		if c != nil {
-			c.Close()
-		}
-	}
-	wg.Wait()
-	return tally(subs, total, cpu, func(sub, seq int) bool { return town || seq%agents == sub%agents })
+	a.close()
+	return tally(a.subs, total, cpu, func(sub, seq int) bool { return town || seq%agents == sub%agents })
 }
