@@ -162,17 +162,13 @@ func TestTownStreamAcrossInstances(t *testing.T) {
 	}
 	c, _ := b.openTown("sse-h1", "", 0)
 	var got []int64
-	for _, m := range readMsgs(t, c, 60) {
-		got = append(got, m.ID)
-	}
+	got = append(got, readN(t, c, 60)...)
 	c.Close()
 	writers.Wait()
 	want := eventIDs(a.townEvents(t))
 	c, _ = a.openTown("ws", "", got[len(got)-1])
 	defer c.Close()
-	for _, m := range readMsgs(t, c, len(want)-len(got)) {
-		got = append(got, m.ID)
-	}
+	got = append(got, readN(t, c, len(want)-len(got))...)
 	if !slices.Equal(got, want) {
 		t.Fatalf("received %d events, the town holds %d", len(got), len(want))
 	}

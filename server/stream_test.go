@@ -56,15 +56,12 @@ func steps(n int) string {
 
 const exited = `{"type":"agent.exited","data":{"reason":"completed","exit_code":0}}`
 
-// readN reads n events, failing on notices or errors.
+// readN reads n events and returns their ids, failing on notices or
+// errors.
 func readN(t *testing.T, c streamClient, n int) []int64 {
 	t.Helper()
 	var ids []int64
-	for len(ids) < n {
-		m, err := c.Next()
-		if err != nil {
-			t.Fatalf("after %d of %d events: %v", len(ids), n, err)
-		}
+	for _, m := range readMsgs(t, c, n) {
 		if m.Notice != "" {
 			t.Fatalf("unexpected notice %+v", m)
 		}
