@@ -161,8 +161,7 @@ func TestTownStreamAcrossInstances(t *testing.T) {
 		})
 	}
 	c, _ := b.openTown("sse-h1", "", 0)
-	var got []int64
-	got = append(got, readN(t, c, 60)...)
+	got := readN(t, c, 60)
 	c.Close()
 	writers.Wait()
 	want := eventIDs(a.townEvents(t))
