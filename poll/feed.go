@@ -2,6 +2,7 @@ package poll
 
 import (
 	"context"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -28,6 +29,7 @@ type feed struct {
 	cursor int64 // highest id fanned out; everything <= cursor is in the Source
 	ring   ring  // the newest items fanned out
 	live   []*Subscription
+	subs   map[*Subscription]struct{} // every open subscription, live or catching up
 }
 
 func newFeed(s *Scheduler, k model.AgentKey) *feed {
@@ -42,6 +44,7 @@ func newFeed(s *Scheduler, k model.AgentKey) *feed {
 		stop:  cancel,
 		done:  make(chan struct{}),
 		ring:  newRing(s.opts.RingLen, s.opts.RingBytes),
+		subs:  make(map[*Subscription]struct{}),
 	}
 }
 
@@ -255,6 +258,24 @@ func (f *feed) prunedPast(cursor int64) (bool, error) {
 	}
 	pruned, err := f.s.src.PrunedThrough(f.ctx, f.key)
 	return pruned > cursor, err
+}
+
+// behindMarks sets marks[i] to the id below which a subscriber's cursor
+// leaves it more than over[i] events behind the feed: the id of the
+// (over[i]+1)th newest item of the ring, or the ring's base when the ring
+// holds exactly over[i] (an event at base exists, and is one more), or
+// math.MinInt64 when the ring cannot tell. Called with mu held.
+func (f *feed) behindMarks(over []int, marks []int64) {
+	for i, n := range over {
+		switch j := f.ring.n - 1 - n; {
+		case j >= 0:
+			marks[i] = f.ring.at(j).ID
+		case j == -1:
+			marks[i] = f.ring.base
+		default:
+			marks[i] = math.MinInt64
+		}
+	}
 }
 
 // demote takes live[j] off the live path. Called with mu held.

@@ -1,6 +1,8 @@
 package poll
 
 import (
+	"strconv"
+
 	"github.com/prometheus/client_golang/prometheus"
 	// client_golang's own data model, to read a counter back (tests, Polls).
 	dto "github.com/prometheus/client_model/go"
@@ -14,10 +16,15 @@ type Metrics struct {
 	pollErrors  prometheus.Counter
 	catchups    prometheus.Counter
 	lag         prometheus.Histogram
+	behind      behindCollector
 }
 
-func newMetrics() *Metrics {
+func newMetrics(s *Scheduler) *Metrics {
 	return &Metrics{
+		behind: behindCollector{s: s, desc: prometheus.NewDesc("agentstream_streams_behind",
+			"Subscriptions (streams) with more than more_than of their feed's events not yet written; "+
+				"counted against the events the feed keeps in memory, so a lower bound.",
+			[]string{"more_than"}, nil)},
 		feeds: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "agentstream_poll_feeds", Help: "Active feeds: agents being polled."}),
 		subscribers: prometheus.NewGauge(prometheus.GaugeOpts{
@@ -38,7 +45,7 @@ func newMetrics() *Metrics {
 
 // Collectors returns the series, for a registry.
 func (m *Metrics) Collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.feeds, m.subscribers, m.polls, m.pollErrors, m.catchups, m.lag}
+	return []prometheus.Collector{m.feeds, m.subscribers, m.polls, m.pollErrors, m.catchups, m.lag, m.behind}
 }
 
 // Polls is the number of Source reads the feeds have made.
@@ -53,4 +60,24 @@ func read(c prometheus.Counter) float64 {
 		return 0
 	}
 	return m.GetCounter().GetValue()
+}
+
+// BehindThresholds are the counts agentstream_streams_behind is reported
+// for, as its more_than label.
+func BehindThresholds() []int { return []int{10, 100, 1000} }
+
+// behindCollector counts the subscriptions that are behind when scraped:
+// nothing is kept up to date between scrapes.
+type behindCollector struct {
+	s    *Scheduler
+	desc *prometheus.Desc
+}
+
+func (c behindCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+func (c behindCollector) Collect(ch chan<- prometheus.Metric) {
+	over := BehindThresholds()
+	for i, n := range c.s.Behind(over...) {
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(n), strconv.Itoa(over[i]))
+	}
 }

@@ -146,7 +146,9 @@ type Scheduler struct {
 // New returns a Scheduler reading src.
 func New(src Source, opts Options) *Scheduler {
 	opts.fill()
-	return &Scheduler{src: src, opts: opts, Metrics: newMetrics(), feeds: make(map[model.AgentKey]*feed)}
+	s := &Scheduler{src: src, opts: opts, feeds: make(map[model.AgentKey]*feed)}
+	s.Metrics = newMetrics(s)
+	return s
 }
 
 // feedKey is the identity of a stream: town and agent, any rig.
@@ -238,6 +240,10 @@ func (s *Scheduler) SubscribeFunc(ctx context.Context, k model.AgentKey, afterID
 		ready:    ready,
 		catching: true,
 	}
+	sub.acked.Store(afterID)
+	f.mu.Lock()
+	f.subs[sub] = struct{}{}
+	f.mu.Unlock()
 	sub.stopCtx = context.AfterFunc(ctx, sub.close)
 	return sub, nil
 }
@@ -307,4 +313,35 @@ func (s *Scheduler) ActiveFeeds() int {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	return len(s.feeds)
+}
+
+// Behind reports, for each count in over, how many open subscriptions have
+// more than that many of their feed's events that their reader has not
+// finished with: not yet taken, or taken in the batch it is still writing
+// (the one before its latest TryNext call).
+//
+// It counts against the events a feed keeps in memory, its ring: a
+// subscriber behind all of them is taken to be behind by the ring's length
+// and one more, and a count above what the ring can tell is a lower bound.
+// It costs a few comparisons per subscription, under each feed's lock, and
+// nothing between calls, so it is for a scrape, not a hot path.
+func (s *Scheduler) Behind(over ...int) []int {
+	counts := make([]int, len(over))
+	marks := make([]int64, len(over))
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	for _, f := range s.feeds {
+		f.mu.Lock()
+		f.behindMarks(over, marks)
+		for sub := range f.subs {
+			acked := sub.acked.Load()
+			for i, m := range marks {
+				if acked < m {
+					counts[i]++
+				}
+			}
+		}
+		f.mu.Unlock()
+	}
+	return counts
 }

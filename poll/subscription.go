@@ -47,6 +47,10 @@ type Subscription struct {
 	// handed (until it asks for the next). The feed demotes a subscriber
 	// that would hold more than Options.StreamBytes.
 	held atomic.Int64
+	// acked is the cursor as of the caller's last TryNext: everything
+	// through it the caller has finished with (written, for a stream).
+	// Read at scrape time, to count the streams that are behind.
+	acked atomic.Int64
 
 	// Owned by the goroutine calling Next.
 	cursor   int64 // the last id returned
@@ -110,6 +114,7 @@ func (s *Subscription) Next(ctx context.Context, buf []*Item, max int) ([]*Item,
 // least one item.
 func (s *Subscription) TryNext(ctx context.Context, buf []*Item, max int) (_ []*Item, err error) {
 	// The caller is done with the last batch.
+	s.acked.Store(s.cursor)
 	s.held.Add(-s.batch)
 	s.batch = 0
 	defer func() {
@@ -324,6 +329,7 @@ func (s *Subscription) close() {
 		f.mu.Lock()
 		s.closed.Store(true)
 		f.removeLive(s)
+		delete(f.subs, s)
 		f.mu.Unlock()
 		s.wakeUp()
 		f.s.Metrics.subscribers.Dec()

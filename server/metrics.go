@@ -15,6 +15,7 @@ type metrics struct {
 	openStreams   *prometheus.GaugeVec
 	eventsWritten *prometheus.CounterVec
 	bytesWritten  *prometheus.CounterVec
+	delivery      *prometheus.HistogramVec
 	drops         *prometheus.CounterVec
 	rateLimited   prometheus.Counter
 	refused       *prometheus.CounterVec
@@ -53,6 +54,12 @@ func newMetrics() *metrics {
 			Name: "agentstream_stream_bytes_written_total",
 			Help: "Event bytes written to stream clients, by transport.",
 		}, []string{"transport"}),
+		delivery: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "agentstream_stream_delivery_seconds",
+			Help: "Time from an event's commit (its created_at) to the write that hands it to a stream's socket, " +
+				"by transport and HTTP protocol; live events only, not the history a stream opened with.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 15),
+		}, []string{"transport", "proto"}),
 		drops: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "agentstream_stream_ends_total",
 			Help: "Streams that ended, by reason (agent exited, client gone, write timeout, ...).",
@@ -67,7 +74,7 @@ func newMetrics() *metrics {
 		}, []string{"limit"}),
 	}
 	m.reg.MustRegister(m.ingested, m.appendSeconds, m.storeErrors, m.requests,
-		m.openStreams, m.eventsWritten, m.bytesWritten, m.drops, m.rateLimited, m.refused,
+		m.openStreams, m.eventsWritten, m.bytesWritten, m.delivery, m.drops, m.rateLimited, m.refused,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -44,6 +44,9 @@ type Config struct {
 
 	// Limits bound what one client, agent or town may take (see Limits).
 	Limits Limits
+	// NoDeliveryHistogram turns off agentstream_stream_delivery_seconds
+	// (--delivery-histogram=false).
+	NoDeliveryHistogram bool
 	// MaxConns caps open connections; 0: the open-file limit less
 	// ConnReserve. Past it a connection is refused at once.
 	MaxConns int
@@ -169,7 +172,7 @@ func Serve(ctx context.Context, cfg Config) error {
 		defer poller.Close()
 	}
 	api := New(store, sched, auth, Options{Log: log, WriteTimeout: cfg.WriteTimeout, Keepalive: cfg.Keepalive,
-		Origins: cfg.Origins, Poller: poller, Limits: cfg.Limits})
+		Origins: cfg.Origins, Poller: poller, Limits: cfg.Limits, NoDeliveryHistogram: cfg.NoDeliveryHistogram})
 	ln.OnRefuse = func() { api.metrics.refused.WithLabelValues("connections").Inc() }
 	srv := newHTTPServer(api, log, cfg.ReadHeaderTimeout, cfg.IdleTimeout)
 	if relay != nil {

@@ -36,6 +36,7 @@ type Server struct {
 	limits     Limits
 	townStrs   *townStreams
 	rate       *rateLimiter
+	noDelivery bool         // Options.NoDeliveryHistogram
 	lastProbe  atomic.Int64 // UnixNano of readyz's last write probe
 
 	drain    context.Context // cancelled by Drain: every stream ends
@@ -58,6 +59,9 @@ type Options struct {
 	Limits Limits
 	// Now is the clock of the ingest rate limits; default time.Now.
 	Now func() time.Time
+	// NoDeliveryHistogram leaves agentstream_stream_delivery_seconds
+	// empty, saving an observation per event and stream.
+	NoDeliveryHistogram bool
 }
 
 // New returns a Server. It wires the store's commit hook to the scheduler,
@@ -82,6 +86,7 @@ func New(store *model.Store, sched *poll.Scheduler, auth *Auth, opts Options) *S
 		streamOpts: transport.Options{WriteTimeout: opts.WriteTimeout, Keepalive: opts.Keepalive, Poller: opts.Poller},
 		origins:    opts.Origins,
 		encoders:   encoders(),
+		noDelivery: opts.NoDeliveryHistogram,
 	}
 	s.drain, s.drainNow = context.WithCancel(context.Background())
 	store.OnCommit(sched.Notify)

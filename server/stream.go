@@ -315,6 +315,7 @@ type pump struct {
 	open     prometheus.Gauge
 	events   prometheus.Counter
 	bytesOut prometheus.Counter
+	delivery prometheus.Observer // nil: not recorded
 	format   transport.Format
 	encode   func(*model.Event) []byte
 
@@ -353,6 +354,9 @@ func (s *Server) openStream(ctx context.Context, st transport.Stream, tg streamT
 		events:   s.metrics.eventsWritten.WithLabelValues(st.Kind()),
 		bytesOut: s.metrics.bytesWritten.WithLabelValues(st.Kind()),
 		format:   st.Format(), encode: s.encoders[st.Format()]}
+	if !s.noDelivery {
+		p.delivery = s.metrics.delivery.WithLabelValues(st.Kind(), st.Proto())
+	}
 	if wake == nil {
 		p.pending.Store(1) // held: see above
 		p.kick = make(chan struct{}, 1)
@@ -533,7 +537,16 @@ func (p *pump) write(items []*poll.Item) (ended bool) {
 	p.cursor = items[len(frames)-1].ID
 	p.events.Add(float64(len(frames)))
 	p.bytesOut.Add(float64(n))
-	p.lastWrite = time.Now()
+	now := time.Now()
+	if p.delivery != nil {
+		for _, it := range items {
+			// History the stream opened with is not late: it is old.
+			if it.CreatedAt.After(p.start) {
+				p.delivery.Observe(now.Sub(it.CreatedAt).Seconds())
+			}
+		}
+	}
+	p.lastWrite = now
 	return false
 }
 

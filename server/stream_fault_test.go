@@ -41,6 +41,19 @@ func (e *testEnv) get(path string, hdr map[string]string) (int, string) {
 // metric returns the value of one series of /metrics, 0 if absent.
 func (e *testEnv) metric(series string) float64 {
 	e.t.Helper()
+	v, _ := e.metricOK(series)
+	return v
+}
+
+// hasMetric reports whether /metrics has the series.
+func (e *testEnv) hasMetric(series string) bool {
+	e.t.Helper()
+	_, ok := e.metricOK(series)
+	return ok
+}
+
+func (e *testEnv) metricOK(series string) (float64, bool) {
+	e.t.Helper()
 	resp, err := e.client.Get(e.base + "/metrics")
 	if err != nil {
 		e.t.Fatal(err)
@@ -50,10 +63,10 @@ func (e *testEnv) metric(series string) float64 {
 	for sc.Scan() {
 		if v, ok := strings.CutPrefix(sc.Text(), series+" "); ok {
 			f, _ := strconv.ParseFloat(v, 64)
-			return f
+			return f, true
 		}
 	}
-	return 0
+	return 0, false
 }
 
 func waitUntil(t *testing.T, what string, cond func() bool) {
