@@ -164,3 +164,29 @@ func BenchmarkAppendToSubscriber(b *testing.B) {
 	b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
 	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
 }
+
+// BenchmarkBehind: one op is one scrape of agentstream_streams_behind
+// (Behind with its three thresholds) over 5000 subscriptions, on one feed
+// or spread two to a feed. Reported per subscription as well.
+func BenchmarkBehind(b *testing.B) {
+	for _, perFeed := range []int{5000, 2} {
+		b.Run(fmt.Sprintf("subs-per-feed=%d", perFeed), func(b *testing.B) {
+			src := &memSource{}
+			src.add(100)
+			s := New(src, Options{Interval: time.Hour})
+			defer s.Close()
+			const total = 5000
+			for i := range total {
+				k := model.AgentKey{Town: "t", Agent: fmt.Sprint("a", i/perFeed)}
+				if _, err := s.Subscribe(context.Background(), k, int64(i%100)); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ResetTimer()
+			for b.Loop() {
+				s.Behind(BehindThresholds()...)
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/total, "ns/subscription")
+		})
+	}
+}

@@ -15,6 +15,15 @@
 // agents posting 10 events/s each, 200 viewers on the town's stream, or the
 // same 200 spread over the 50 agents' streams.
 //
+// With -agents 100,1000,5000 it measures the workload agents really have:
+// many agents posting a few events a second each (-agent-rate), a few
+// viewers each (-agent-viewers, half SSE and half WebSocket), against the
+// naive server with one stream per agent.
+//
+// With -metrics-cost N it measures the delivery-lag histogram's cost: the
+// fan-out scenarios with `serve --delivery-histogram` on and off, N times
+// each.
+//
 // With -membudget N it measures the server's RSS growth for N streams that
 // never read, on a history of 64 KiB events.
 //
@@ -39,6 +48,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -61,7 +71,11 @@ func main() {
 	emitRate := flag.Int("emit-rate", 0, "internal: events per second the agent writes (0: as fast as it can)")
 	memStreams := flag.Int("membudget", 0, "measure instead the RSS cost of this many streams that never read, on 64 KiB events")
 	scaleOut := flag.Bool("scaleout", false, "measure instead two instances on one PostgreSQL (started here): subscribers split over both, events posted to one")
+	agents := flag.String("agents", "", "measure instead many agents with few viewers each: these agent counts (comma-separated, e.g. 100,1000,5000)")
+	agentRate := flag.Int("agent-rate", 5, "with -agents: events per second each agent posts")
+	agentViewers := flag.Int("agent-viewers", 2, "with -agents: viewers per agent, half SSE and half WebSocket")
 	town := flag.Bool("town", false, "measure instead 50 agents at 10 events/s each, 200 viewers on the town's stream against the same viewers spread over the agents' streams")
+	metricsCostReps := flag.Int("metrics-cost", 0, "measure instead the delivery-lag histogram's cost: the fan-out scenarios with it on and off, alternating, this many times each")
 	flag.Parse()
 	if *naive != "" {
 		serveNaive(*naive)
@@ -77,6 +91,22 @@ func main() {
 	raiseFDLimit()
 	if *scaleOut {
 		scaleOutScenarios(*bin, *duration)
+		return
+	}
+	if *metricsCostReps > 0 {
+		metricsCost(*bin, *duration, *metricsCostReps)
+		return
+	}
+	if *agents != "" {
+		var counts []int
+		for _, f := range strings.Split(*agents, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil || n <= 0 {
+				log.Fatalf("-agents %q: want counts like 100,1000", *agents)
+			}
+			counts = append(counts, n)
+		}
+		agentsScenarios(*bin, counts, *agentRate, *agentViewers, *duration)
 		return
 	}
 	if *town {
@@ -226,10 +256,19 @@ func (s *server) publish(c *http.Client, seq int) error { return s.publishAs(c, 
 
 // publishAs is publish as the agent of token (agentstream only).
 func (s *server) publishAs(c *http.Client, token string, seq int) error {
+	return s.post(c, token, "a", seq)
+}
+
+// publishTo is publish to the naive server's stream.
+func (s *server) publishTo(c *http.Client, stream string, seq int) error {
+	return s.post(c, "", stream, seq)
+}
+
+func (s *server) post(c *http.Client, token, stream string, seq int) error {
 	now := time.Now().UnixNano()
 	var req *http.Request
 	if s.naive {
-		req, _ = http.NewRequest("POST", s.base+"/publish", strings.NewReader(fmt.Sprintf(`{"seq":%d,"t":%d}`, seq, now)))
+		req, _ = http.NewRequest("POST", s.base+"/publish?stream="+stream, strings.NewReader(fmt.Sprintf(`{"seq":%d,"t":%d}`, seq, now)))
 	} else {
 		body := fmt.Sprintf(`{"type":"load.tick","data":{"seq":%d,"t":%d}}`, seq, now)
 		req, _ = http.NewRequest("POST", s.base+"/api/rigs/r/agent-events", strings.NewReader(body))
@@ -331,6 +370,11 @@ type audience struct {
 // listen opens n streams, stream i with dial(i), and returns once all are
 // open and have had time to reach the live path.
 func listen(n int, transport string, dial func(i int) (net.Conn, io.Reader, error)) *audience {
+	return listenEach(n, func(int) string { return transport }, dial)
+}
+
+// listenEach is listen with stream i on transport transportOf(i).
+func listenEach(n int, transportOf func(i int) string, dial func(i int) (net.Conn, io.Reader, error)) *audience {
 	a := &audience{subs: make([]*subscriber, n), conns: make([]net.Conn, n)}
 	var ready sync.WaitGroup
 	for i := range a.subs {
@@ -345,7 +389,7 @@ func listen(n int, transport string, dial func(i int) (net.Conn, io.Reader, erro
 			}
 			a.conns[i] = conn
 			ready.Done()
-			read(transport, r, a.subs[i])
+			read(transportOf(i), r, a.subs[i])
 		})
 	}
 	ready.Wait()
@@ -511,18 +555,21 @@ func idleMemory(s *server, transport string, n int) float64 {
 	return (after - before) / float64(len(conns))
 }
 
-// serveNaive is the comparison: r3labs/sse's server, one stream, events
-// published from POST /publish. It keeps nothing and checks nothing.
+// serveNaive is the comparison: r3labs/sse's server, events published
+// from POST /publish?stream=NAME to GET /events?stream=NAME (a stream is
+// made by its first subscriber). It keeps nothing and checks nothing.
+// GET /goroutines says how many goroutines it runs.
 func serveNaive(addr string) {
 	srv := sse.New()
 	srv.AutoReplay = false
-	srv.CreateStream("a")
+	srv.AutoStream = true
 	mux := http.NewServeMux()
 	mux.HandleFunc("/events", srv.ServeHTTP)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {})
+	mux.HandleFunc("/goroutines", func(w http.ResponseWriter, r *http.Request) { fmt.Fprintln(w, runtime.NumGoroutine()) })
 	mux.HandleFunc("POST /publish", func(w http.ResponseWriter, r *http.Request) {
 		b, _ := io.ReadAll(r.Body)
-		srv.Publish("a", &sse.Event{Data: b})
+		srv.Publish(r.URL.Query().Get("stream"), &sse.Event{Data: b})
 		w.WriteHeader(http.StatusNoContent)
 	})
 	log.Fatal(http.ListenAndServe(addr, mux))
