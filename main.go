@@ -193,7 +193,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	data := fs.String("data", "./agentstream-data", "data directory: SQLite file and generated secret")
 	db := fs.String("db", "", "database: sqlite:PATH (default DATA/agentstream.db)")
 	retain := fs.Int("retain", 2000, "events kept per agent; older ones are pruned")
-	pollEvery := fs.Duration("poll-interval", 500*time.Millisecond, "how often a watched agent's feed polls the database for other writers' events")
+	pollEvery := fs.Duration("poll-interval", 500*time.Millisecond, "how often the database is asked, one query per watched town, for other writers' events")
 	writeTimeout := fs.Duration("write-timeout", 10*time.Second, "drop a stream client that accepts no bytes for this long")
 	keepalive := fs.Duration("keepalive", 30*time.Second, "interval of SSE keepalive comments and WebSocket pings")
 	tlsCert := fs.String("tls-cert", "", "TLS certificate file (PEM); with --tls-key, serve HTTPS and HTTP/2")

@@ -667,6 +667,29 @@ func (s *Store) Latest(ctx context.Context, k AgentKey) (int64, error) {
 	return id.Int64, nil
 }
 
+// Changed returns the agents of town with events whose ids are above
+// afterID, and the highest such id (afterID when there is none). It is one
+// range read of the (town_id, id) index, whatever the number of agents:
+// what the poll scheduler asks each interval, for every town it follows,
+// to learn of other writers' commits.
+func (s *Store) Changed(ctx context.Context, town string, afterID int64) (agents []string, latest int64, err error) {
+	var rows []struct {
+		AgentID string `bun:"agent_id"`
+		MaxID   int64  `bun:"max_id"`
+	}
+	err = s.db.NewSelect().Model((*Event)(nil)).Column("agent_id").ColumnExpr("MAX(id) AS max_id").
+		Where("town_id = ?", town).Where("id > ?", afterID).Group("agent_id").Scan(ctx, &rows)
+	if err != nil && !errors.Is(err, sql.ErrNoRows) {
+		return nil, afterID, fmt.Errorf("changes of town %s after %d: %w", town, afterID, err)
+	}
+	latest = afterID
+	for _, r := range rows {
+		agents = append(agents, r.AgentID)
+		latest = max(latest, r.MaxID)
+	}
+	return agents, latest, nil
+}
+
 // UpstreamSeq returns the highest upstream sequence number stored for an
 // agent's events from one upstream run, or 0: where a relay resumes.
 func (s *Store) UpstreamSeq(ctx context.Context, k AgentKey, run string) (int64, error) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 )
@@ -312,5 +313,36 @@ func TestRelayedRace(t *testing.T) {
 		if e.UpstreamSeq != int64(i+1) {
 			t.Fatalf("event %d has upstream seq %d", i, e.UpstreamSeq)
 		}
+	}
+}
+
+// TestChanged: Changed names the agents of one town with events after an
+// id, once each, with the highest id among them, and nothing of another
+// town's.
+func TestChanged(t *testing.T) {
+	ctx := context.Background()
+	s := openTemp(t, Options{})
+	first := []Event{ev("t", "r", "a", "x", 1), ev("t", "r", "b", "x", 2), ev("u", "r", "a", "x", 3)}
+	if err := s.Append(ctx, first); err != nil {
+		t.Fatal(err)
+	}
+	mark := first[2].ID
+	later := []Event{ev("t", "r", "b", "x", 4), ev("u", "r", "c", "x", 5), ev("t", "r", "b", "x", 6), ev("t", "r", "d", "x", 7)}
+	if err := s.Append(ctx, later); err != nil {
+		t.Fatal(err)
+	}
+	agents, latest, err := s.Changed(ctx, "t", mark)
+	slices.Sort(agents)
+	if err != nil || !slices.Equal(agents, []string{"b", "d"}) || latest != later[3].ID {
+		t.Fatalf("Changed(t, %d) = %v, %d, %v; want [b d], %d", mark, agents, latest, err, later[3].ID)
+	}
+	agents, latest, err = s.Changed(ctx, "t", later[3].ID)
+	if err != nil || len(agents) != 0 || latest != later[3].ID {
+		t.Fatalf("Changed(t, newest) = %v, %d, %v; want nothing, the same id", agents, latest, err)
+	}
+	agents, latest, err = s.Changed(ctx, "u", 0)
+	slices.Sort(agents)
+	if err != nil || !slices.Equal(agents, []string{"a", "c"}) || latest != later[1].ID {
+		t.Fatalf("Changed(u, 0) = %v, %d, %v; want [a c], %d", agents, latest, err, later[1].ID)
 	}
 }

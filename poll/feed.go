@@ -79,8 +79,6 @@ func (f *feed) shutdown() {
 func (f *feed) run() {
 	defer close(f.done)
 	log := f.s.opts.Logger.With("town", f.key.Town, "agent", f.key.Agent)
-	t := time.NewTicker(f.s.opts.Interval)
-	defer t.Stop()
 	// Start at the agent's newest event: history is each subscriber's own
 	// catch-up, the feed only carries what comes next.
 	for {
@@ -98,7 +96,7 @@ func (f *feed) run() {
 		}
 		log.Error("feed start", "err", err)
 		select {
-		case <-t.C:
+		case <-time.After(f.s.opts.Interval):
 		case <-f.ctx.Done():
 			return
 		}
@@ -117,11 +115,16 @@ func (f *feed) run() {
 		pullC = pullT.C
 	}
 	var pullErr string // the last pull error logged: an outage is logged once
+	// A failed poll is tried again after an interval: the events it did
+	// not read may never be named again by a notify or the sweep.
+	retry := time.NewTimer(0)
+	retry.Stop()
+	defer retry.Stop()
 	for {
 		pull := false
 		select {
 		case <-f.wake:
-		case <-t.C:
+		case <-retry.C:
 		case <-pullC:
 			pull = true
 		case <-f.kick:
@@ -159,6 +162,7 @@ func (f *feed) run() {
 		if err := f.poll(); err != nil && f.ctx.Err() == nil {
 			f.s.Metrics.pollErrors.Inc()
 			log.Error("feed poll", "err", err)
+			retry.Reset(f.s.opts.Interval)
 		}
 	}
 }

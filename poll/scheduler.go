@@ -67,15 +67,30 @@ type TownSource interface {
 	PrunedAfter(ctx context.Context, town string, afterID int64) ([]model.PruneMark, error)
 }
 
+// ChangeSource is a Source that can say which agents of a town have
+// events after an id. With it the scheduler learns of other writers'
+// commits with one read per followed town each interval, however many of
+// the town's agents are followed; without it, every feed reads its Source
+// each interval.
+type ChangeSource interface {
+	// Changed returns the agents of town with events above afterID, and
+	// the highest such id (afterID when there is none).
+	Changed(ctx context.Context, town string, afterID int64) (agents []string, latest int64, err error)
+}
+
 // ErrClosed is returned by Subscription.Next after the scheduler is closed.
 var ErrClosed = errors.New("poll: scheduler closed")
 
 // Options tunes a Scheduler. The zero value is the default.
 type Options struct {
-	Interval time.Duration // between polls of a feed's Source; default 500 ms
-	QueueLen int           // live items a subscriber may hold unread; default 64
-	RingLen  int           // recent items a feed keeps for catching up; default 1024
-	PageSize int           // events per Source read; default 1000
+	// Interval is how often the scheduler looks for events written by
+	// others than this process's store (another instance), whose commits
+	// no Notify reports: one ChangeSource read per town, or one Source
+	// read per feed. Default 500 ms.
+	Interval time.Duration
+	QueueLen int // live items a subscriber may hold unread; default 64
+	RingLen  int // recent items a feed keeps for catching up; default 1024
+	PageSize int // events per Source read; default 1000
 	// StreamBytes is what one subscriber may hold, by Item.Cost: its
 	// unread live items and the batch it was last handed together. A
 	// subscriber that would hold more is taken off the live path, and
@@ -141,14 +156,91 @@ type Scheduler struct {
 	mu     sync.RWMutex
 	feeds  map[model.AgentKey]*feed
 	closed bool
+
+	stopSweep context.CancelFunc
+	swept     chan struct{} // closed when sweep returns
 }
 
-// New returns a Scheduler reading src.
+// New returns a Scheduler reading src. Close stops it.
 func New(src Source, opts Options) *Scheduler {
 	opts.fill()
-	s := &Scheduler{src: src, opts: opts, feeds: make(map[model.AgentKey]*feed)}
+	s := &Scheduler{src: src, opts: opts, feeds: make(map[model.AgentKey]*feed), swept: make(chan struct{})}
 	s.Metrics = newMetrics(s)
+	ctx, cancel := context.WithCancel(context.Background())
+	s.stopSweep = cancel
+	go s.sweep(ctx)
 	return s
+}
+
+// sweep pokes, every Interval, the feeds that other writers have given
+// something to read: the feeds of the agents a ChangeSource names, and of
+// their towns, given the highest id seen in each town so far; every feed
+// when the Source cannot name them.
+//
+// Ids within a town are committed in order (the store assigns them under
+// the town's lock), so "above the highest id seen" misses none of a
+// town's events, however the towns' commits interleave.
+func (s *Scheduler) sweep(ctx context.Context) {
+	defer close(s.swept)
+	cs, _ := s.src.(ChangeSource)
+	seen := map[string]int64{} // per followed town: the highest id seen
+	t := time.NewTicker(s.opts.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return
+		}
+		s.mu.RLock()
+		towns := make(map[string][]*feed)
+		for k, f := range s.feeds {
+			towns[k.Town] = append(towns[k.Town], f)
+		}
+		s.mu.RUnlock()
+		for town := range seen {
+			if towns[town] == nil {
+				delete(seen, town)
+			}
+		}
+		for town, feeds := range towns {
+			last, known := seen[town]
+			if cs == nil || !known {
+				// A town newly followed: its feeds read everything after
+				// their cursors once, and its changes count from here.
+				if cs != nil {
+					latest, err := s.src.Latest(ctx, model.AgentKey{Town: town})
+					if err != nil {
+						continue
+					}
+					seen[town] = latest
+				}
+				for _, f := range feeds {
+					f.poke()
+				}
+				continue
+			}
+			agents, latest, err := cs.Changed(ctx, town, last)
+			if err != nil {
+				if ctx.Err() == nil {
+					s.Metrics.pollErrors.Inc()
+					s.opts.Logger.Error("poll sweep", "town", town, "err", err)
+				}
+				continue
+			}
+			s.Metrics.polls.Inc()
+			if len(agents) == 0 {
+				continue
+			}
+			seen[town] = latest
+			s.mu.RLock()
+			s.pokeLocked(model.AgentKey{Town: town})
+			for _, a := range agents {
+				s.pokeLocked(model.AgentKey{Town: town, Agent: a})
+			}
+			s.mu.RUnlock()
+		}
+	}
 }
 
 // feedKey is the identity of a stream: town and agent, any rig.
@@ -297,6 +389,8 @@ func (s *Scheduler) release(f *feed) {
 
 // Close stops every feed; open subscriptions' Next returns ErrClosed.
 func (s *Scheduler) Close() {
+	s.stopSweep()
+	<-s.swept
 	s.mu.Lock()
 	s.closed = true
 	feeds := s.feeds

@@ -1,0 +1,99 @@
+package poll
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/agentstream/agentstream/model"
+)
+
+// countingSource is the store, counting the reads the scheduler makes.
+type countingSource struct {
+	*model.Store
+	after, changed atomic.Int64
+}
+
+func (c *countingSource) After(ctx context.Context, k model.AgentKey, afterID int64, limit int) ([]model.Event, error) {
+	c.after.Add(1)
+	return c.Store.After(ctx, k, afterID, limit)
+}
+
+func (c *countingSource) Changed(ctx context.Context, town string, afterID int64) ([]string, int64, error) {
+	c.changed.Add(1)
+	return c.Store.Changed(ctx, town, afterID)
+}
+
+// TestSweepOneReadPerTown: with 50 agents of one town followed and quiet,
+// each interval costs one read for the town, not one per agent; when
+// another writer (a second store on the database, whose commits no Notify
+// reports) adds to two agents, the sweep wakes those two feeds and the
+// town's, and their subscribers get the events.
+func TestSweepOneReadPerTown(t *testing.T) {
+	e := newEnv(t, model.Options{}, Options{})
+	src := &countingSource{Store: e.store}
+	sched := New(src, Options{Interval: 20 * time.Millisecond})
+	t.Cleanup(sched.Close)
+	ctx := context.Background()
+	subs := make([]*Subscription, 50)
+	for i := range subs {
+		var err error
+		if subs[i], err = sched.Subscribe(ctx, key(fmt.Sprint("a", i)), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	town, err := sched.Subscribe(ctx, model.AgentKey{Town: "t"}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The first sweep of a newly followed town has each of its 51 feeds
+	// read once.
+	waitFor(t, "every feed's first read", func() bool { return src.after.Load() >= 51 })
+	reads := src.after.Load()
+	swept := src.changed.Load()
+	waitFor(t, "ten more sweeps", func() bool { return src.changed.Load() >= swept+10 })
+	if n := src.after.Load() - reads; n != 0 {
+		t.Fatalf("%d feed reads over ten sweeps of a quiet town; want 0", n)
+	}
+
+	other, err := model.Open(ctx, e.path, model.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	evs := []model.Event{
+		{TownID: "t", RigID: "r", AgentID: "a7", Type: "remote", Data: json.RawMessage(`{}`)},
+		{TownID: "t", RigID: "r", AgentID: "a31", Type: "remote", Data: json.RawMessage(`{}`)},
+		{TownID: "u", RigID: "r", AgentID: "a7", Type: "remote", Data: json.RawMessage(`{}`)}, // another town's
+	}
+	if err := other.Append(ctx, evs); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		sub  *Subscription
+		want []int64
+	}{{subs[7], []int64{evs[0].ID}}, {subs[31], []int64{evs[1].ID}}, {town, []int64{evs[0].ID, evs[1].ID}}} {
+		var got []int64
+		var buf []*Item
+		for len(got) < len(c.want) {
+			if buf, err = c.sub.Next(ctx, buf, 10); err != nil {
+				t.Fatal(err)
+			}
+			for _, it := range buf {
+				got = append(got, it.ID)
+			}
+		}
+		if !slices.Equal(got, c.want) {
+			t.Fatalf("got %v, want %v", got, c.want)
+		}
+	}
+	// Two agents' feeds and the town's read once each (a feed may read
+	// again if the sweep's poke and the read cross); the 48 others not.
+	if n := src.after.Load() - reads; n < 3 || n > 6 {
+		t.Fatalf("%d feed reads for two agents' changes; want 3 to 6", n)
+	}
+}
