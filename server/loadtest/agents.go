@@ -17,13 +17,14 @@ import (
 
 // agentsScenarios is the workload agents really have: many agents, few
 // viewers each. Every agent posts perAgent events a second, one POST per
-// event, over a pool of keep-alive connections; each agent has viewers
+// event, each agent a client of its own that waits for each answer (as an
+// agent's emitter does); each agent has viewers
 // streams, half SSE and half WebSocket (all SSE on the naive server, which
 // has no WebSocket, with one stream per agent). Each count of agents is
 // measured on agentstream and then on the naive server, in one run.
-func agentsScenarios(bin string, counts []int, perAgent, viewers int, d time.Duration) {
-	fmt.Printf("%-13s %6s %5s %6s %10s %6s %5s %9s %9s %9s %12s %9s %6s %10s\n",
-		"server", "agents", "ev/s", "subs", "delivered", "lost", "dup", "ingest99", "p50", "p99", "deliv/cpu-s", "rss-MiB", "feeds", "goroutines")
+func agentsScenarios(bin string, counts []int, perAgent float64, viewers int, d time.Duration) {
+	fmt.Printf("%-13s %6s %6s %6s %10s %6s %5s %9s %9s %9s %12s %9s %6s %10s %9s\n",
+		"server", "agents", "ev/s", "subs", "delivered", "lost", "dup", "ingest99", "p50", "p99", "deliv/cpu-s", "rss-MiB", "feeds", "goroutines", "idle-cpu%")
 	secret := strings.Repeat("A", 40)
 	for _, n := range counts {
 		for _, kind := range []string{"agentstream", "r3labs-naive"} {
@@ -34,9 +35,9 @@ func agentsScenarios(bin string, counts []int, perAgent, viewers int, d time.Dur
 			if kind == "agentstream" {
 				feeds = strconv.Itoa(r.feeds)
 			}
-			fmt.Printf("%-13s %6d %5d %6d %10d %6d %5d %9s %9s %9s %12.0f %9.1f %6s %10d\n", kind, n, n*perAgent, n*viewers,
+			fmt.Printf("%-13s %6d %6.0f %6d %10d %6d %5d %9s %9s %9s %12.0f %9.1f %6s %10d %9.2f\n", kind, n, float64(n)*perAgent, n*viewers,
 				r.delivered, r.lost, r.dup, r.ingest99.Round(10*time.Microsecond), r.p50.Round(10*time.Microsecond), r.p99.Round(10*time.Microsecond),
-				float64(r.delivered)/r.cpu, r.rss/(1<<20), feeds, r.goroutines)
+				float64(r.delivered)/r.cpu, r.rss/(1<<20), feeds, r.goroutines, r.idleCPU*100)
 		}
 	}
 }
@@ -44,15 +45,18 @@ func agentsScenarios(bin string, counts []int, perAgent, viewers int, d time.Dur
 type agentsResult struct {
 	result
 	ingest99   time.Duration
+	idleCPU    float64 // CPU-seconds per second with every stream open and nothing posted
 	rss        float64 // peak, bytes
 	feeds      int     // peak
 	goroutines int     // peak
 }
 
-// runAgents opens viewers streams on each of n agents, posts seq 0, 1, 2,
-// ... round robin over the agents (seq%n), perAgent a second each, and
-// samples the server's RSS, feeds and goroutines every second.
-func runAgents(s *server, secret string, n, perAgent, viewers int, d time.Duration) agentsResult {
+// runAgents opens viewers streams on each of n agents, measures the
+// server's CPU for 5 s with nothing posted (what watched, quiet agents
+// cost), then posts seq 0, 1, 2, ... round robin over the agents (seq%n),
+// perAgent a second each, sampling the server's RSS, feeds and goroutines
+// every second.
+func runAgents(s *server, secret string, n int, perAgent float64, viewers int, d time.Duration) agentsResult {
 	tokens := make([]string, n)
 	if !s.naive {
 		auth, err := agentstream.NewAuth([]byte(secret))
@@ -84,6 +88,10 @@ func runAgents(s *server, secret string, n, perAgent, viewers int, d time.Durati
 		return dialPath(s, transportOf(i), path)
 	})
 	var r agentsResult
+	const quiet = 5 * time.Second
+	idle0 := s.cpu()
+	time.Sleep(quiet)
+	r.idleCPU = (s.cpu() - idle0) / quiet.Seconds()
 	var peakMu sync.Mutex
 	stopSampling := every(time.Second, func() {
 		rss := s.rss()
@@ -92,31 +100,20 @@ func runAgents(s *server, secret string, n, perAgent, viewers int, d time.Durati
 		r.rss, r.feeds, r.goroutines = max(r.rss, rss), max(r.feeds, feeds), max(r.goroutines, goroutines)
 		peakMu.Unlock()
 	})
-	pub := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}}
-	rate := n * perAgent
-	total := int(d.Seconds() * float64(rate))
-	var ingestMu sync.Mutex
-	ingest := make([]time.Duration, 0, total)
+	perEach := max(1, int(d.Seconds()*perAgent))
+	total := perEach * n
 	cpu0 := s.cpu()
-	publishAll(total, rate, func(seq int) error {
-		t := time.Now()
-		var err error
+	ingest := postAsAgents(n, perEach, perAgent, func(c *http.Client, agent, seq int) error {
 		if s.naive {
-			err = s.publishTo(pub, fmt.Sprintf("a%d", seq%n), seq)
-		} else {
-			err = s.publishAs(pub, tokens[seq%n], seq)
+			return s.publishTo(c, fmt.Sprintf("a%d", agent), seq)
 		}
-		took := time.Since(t)
-		ingestMu.Lock()
-		ingest = append(ingest, took)
-		ingestMu.Unlock()
-		return err
+		return s.publishAs(c, tokens[agent], seq)
 	})
 	waitQuiet(a.subs)
 	cpu := s.cpu() - cpu0
 	stopSampling()
 	a.close()
-	r.result = tally(a.subs, total, cpu, func(sub, seq int) bool { return seq%n == sub%n })
+	r.result = tallyStride(a.subs, n, total, cpu)
 	slices.Sort(ingest)
 	if len(ingest) > 0 {
 		r.ingest99 = ingest[len(ingest)*99/100]
@@ -175,4 +172,61 @@ func every(interval time.Duration, f func()) (stop func()) {
 		}
 	}()
 	return func() { close(done); <-finished }
+}
+
+// postAsAgents has each of n agents post count events, perSecond a second,
+// each agent a client with a connection of its own that waits for every
+// answer; agent i's k-th event is seq k*n+i. The agents' schedules are
+// spread over the first period. It returns every POST's time to answer.
+func postAsAgents(n, count int, perSecond float64, post func(c *http.Client, agent, seq int) error) []time.Duration {
+	period := time.Duration(float64(time.Second) / perSecond)
+	start := time.Now()
+	took := make([][]time.Duration, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			c := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1}}
+			defer c.CloseIdleConnections()
+			first := start.Add(period * time.Duration(i) / time.Duration(n))
+			for k := range count {
+				time.Sleep(time.Until(first.Add(period * time.Duration(k))))
+				t := time.Now()
+				if err := post(c, i, k*n+i); err != nil {
+					log.Printf("agent %d, event %d: %v", i, k, err)
+				}
+				took[i] = append(took[i], time.Since(t))
+			}
+		})
+	}
+	wg.Wait()
+	var all []time.Duration
+	for _, t := range took {
+		all = append(all, t...)
+	}
+	return all
+}
+
+// tallyStride is tally for subscribers that each follow one of n agents
+// (subscriber i agent i%n), seq k*n+agent being the agent's events: it
+// visits only each subscriber's own.
+func tallyStride(subs []*subscriber, n, total int, cpu float64) result {
+	r := result{cpu: cpu}
+	var lat []time.Duration
+	for i, sub := range subs {
+		for seq := i % n; seq < total; seq += n {
+			switch c := sub.seen[seq]; {
+			case c == 0:
+				r.lost++
+			case c > 1:
+				r.dup += c - 1
+			}
+		}
+		r.delivered += len(sub.lat)
+		lat = append(lat, sub.lat...)
+	}
+	slices.Sort(lat)
+	if len(lat) > 0 {
+		r.p50, r.p99 = lat[len(lat)/2], lat[len(lat)*99/100]
+	}
+	return r
 }

@@ -72,7 +72,7 @@ func main() {
 	memStreams := flag.Int("membudget", 0, "measure instead the RSS cost of this many streams that never read, on 64 KiB events")
 	scaleOut := flag.Bool("scaleout", false, "measure instead two instances on one PostgreSQL (started here): subscribers split over both, events posted to one")
 	agents := flag.String("agents", "", "measure instead many agents with few viewers each: these agent counts (comma-separated, e.g. 100,1000,5000)")
-	agentRate := flag.Int("agent-rate", 5, "with -agents: events per second each agent posts")
+	agentRate := flag.Float64("agent-rate", 5, "with -agents: events per second each agent posts")
 	agentViewers := flag.Int("agent-viewers", 2, "with -agents: viewers per agent, half SSE and half WebSocket")
 	town := flag.Bool("town", false, "measure instead 50 agents at 10 events/s each, 200 viewers on the town's stream against the same viewers spread over the agents' streams")
 	metricsCostReps := flag.Int("metrics-cost", 0, "measure instead the delivery-lag histogram's cost: the fan-out scenarios with it on and off, alternating, this many times each")
