@@ -54,7 +54,7 @@ type Store struct {
 	opts    Options
 	log     *slog.Logger
 
-	onCommit atomic.Pointer[func([]Event)]
+	onCommit atomic.Pointer[func(Commit)]
 	// writeErr is the error of the last commit, or of the last write
 	// probe, whichever came last; nil after a success.
 	writeErr atomic.Pointer[error]
@@ -281,7 +281,7 @@ func (s *Store) writeLoop() {
 				break drain
 			}
 		}
-		bound, err := s.commit(group)
+		bound, prev, err := s.commit(group)
 		s.wrote(err)
 		if err == nil {
 			for k, rig := range bound {
@@ -291,12 +291,16 @@ func (s *Store) writeLoop() {
 				s.rigs[k] = rig
 			}
 			s.markDirty(group)
-			// Before answering: the callers own their slices again after.
 			if fn := s.onCommit.Load(); fn != nil {
+				c := Commit{Prev: prev}
 				for _, r := range group {
 					if r.stored() {
-						(*fn)(r.events)
+						// A copy: the callers own their slices again once answered.
+						c.Events = append(c.Events, r.events...)
 					}
+				}
+				if len(c.Events) > 0 {
+					(*fn)(c)
 				}
 			}
 		}
@@ -312,13 +316,15 @@ func (s *Store) writeLoop() {
 }
 
 // commit writes a group in one transaction, and returns the rig bindings it
-// read or made. A request with an event of an agent bound to another rig is
-// left out, with its err set. commit does not take a caller's context: one
-// caller giving up must not abort the others' events.
-func (s *Store) commit(group []*appendReq) (map[townAgent]string, error) {
+// read or made, and each town's highest id before it (Commit.Prev). A
+// request with an event of an agent bound to another rig is left out, with
+// its err set. commit does not take a caller's context: one caller giving
+// up must not abort the others' events.
+func (s *Store) commit(group []*appendReq) (map[townAgent]string, map[string]int64, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	var bound map[townAgent]string
+	var prev map[string]int64
 	err := s.db.RunInTx(ctx, nil, func(ctx context.Context, tx bun.Tx) error {
 		for _, r := range group {
 			r.err, r.replayed, r.leader = nil, false, nil
@@ -326,8 +332,18 @@ func (s *Store) commit(group []*appendReq) (map[townAgent]string, error) {
 				r.events, r.caller, r.kept = r.caller, nil, nil
 			}
 		}
-		if err := s.dialect.lockTowns(ctx, tx, groupTowns(group)); err != nil {
+		towns := groupTowns(group)
+		if err := s.dialect.lockTowns(ctx, tx, towns); err != nil {
 			return err
+		}
+		// Under the locks, so the town's ids below ours are all committed.
+		prev = make(map[string]int64, len(towns))
+		for _, t := range towns {
+			var id sql.NullInt64
+			if err := tx.NewSelect().Model((*Event)(nil)).ColumnExpr("MAX(id)").Where("town_id = ?", t).Scan(ctx, &id); err != nil {
+				return fmt.Errorf("latest event of town %s: %w", t, err)
+			}
+			prev[t] = id.Int64
 		}
 		// After the town locks: no other instance commits to these towns
 		// until this transaction ends, so what is stored cannot change
@@ -382,7 +398,7 @@ func (s *Store) commit(group []*appendReq) (map[townAgent]string, error) {
 		}
 		return nil
 	})
-	return bound, err
+	return bound, prev, err
 }
 
 // skipRelayed leaves out of the group's requests the relayed events that
@@ -635,11 +651,24 @@ func (s *Store) ProbeWrite(ctx context.Context) error {
 	return err
 }
 
-// OnCommit sets fn to be called with the events of every commit, right after
-// it, from the writer goroutine and before the appenders are answered — so it
-// must not block. It is how readers in this process learn of new events at
-// once instead of waiting for their next poll.
-func (s *Store) OnCommit(fn func(events []Event)) {
+// Commit is what one group commit stored, as OnCommit's function gets it.
+type Commit struct {
+	// Events are the events stored, in id order. Their Data is the
+	// appenders' own (Append keeps it; it must not change afterwards).
+	Events []Event
+	// Prev is, for each town written, its highest id before the commit
+	// (0 for none). A town's ids are committed in order (under the town's
+	// lock), so the town's events in Events are all its events above
+	// Prev, up to the highest of them: a reader that has read the town
+	// (or one agent of it) through Prev needs no read of its own to go on.
+	Prev map[string]int64
+}
+
+// OnCommit sets fn to be called with every commit, right after it, from
+// the writer goroutine and before the appenders are answered — so it must
+// not block. It is how readers in this process learn of new events at once
+// instead of waiting for their next poll, and get them without reading.
+func (s *Store) OnCommit(fn func(Commit)) {
 	s.onCommit.Store(&fn)
 }
 
@@ -668,26 +697,25 @@ func (s *Store) Latest(ctx context.Context, k AgentKey) (int64, error) {
 }
 
 // Changed returns the agents of town with events whose ids are above
-// afterID, and the highest such id (afterID when there is none). It is one
-// range read of the (town_id, id) index, whatever the number of agents:
-// what the poll scheduler asks each interval, for every town it follows,
-// to learn of other writers' commits.
-func (s *Store) Changed(ctx context.Context, town string, afterID int64) (agents []string, latest int64, err error) {
+// afterID, each with its highest id. It is one range read of the
+// (town_id, id) index, whatever the number of agents: what the poll
+// scheduler asks each interval, for every town it follows, to learn of
+// other writers' commits.
+func (s *Store) Changed(ctx context.Context, town string, afterID int64) (map[string]int64, error) {
 	var rows []struct {
 		AgentID string `bun:"agent_id"`
 		MaxID   int64  `bun:"max_id"`
 	}
-	err = s.db.NewSelect().Model((*Event)(nil)).Column("agent_id").ColumnExpr("MAX(id) AS max_id").
+	err := s.db.NewSelect().Model((*Event)(nil)).Column("agent_id").ColumnExpr("MAX(id) AS max_id").
 		Where("town_id = ?", town).Where("id > ?", afterID).Group("agent_id").Scan(ctx, &rows)
 	if err != nil && !errors.Is(err, sql.ErrNoRows) {
-		return nil, afterID, fmt.Errorf("changes of town %s after %d: %w", town, afterID, err)
+		return nil, fmt.Errorf("changes of town %s after %d: %w", town, afterID, err)
 	}
-	latest = afterID
+	agents := make(map[string]int64, len(rows))
 	for _, r := range rows {
-		agents = append(agents, r.AgentID)
-		latest = max(latest, r.MaxID)
+		agents[r.AgentID] = r.MaxID
 	}
-	return agents, latest, nil
+	return agents, nil
 }
 
 // UpstreamSeq returns the highest upstream sequence number stored for an

@@ -4,7 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"slices"
+	"maps"
 	"sync"
 	"testing"
 )
@@ -331,18 +331,18 @@ func TestChanged(t *testing.T) {
 	if err := s.Append(ctx, later); err != nil {
 		t.Fatal(err)
 	}
-	agents, latest, err := s.Changed(ctx, "t", mark)
-	slices.Sort(agents)
-	if err != nil || !slices.Equal(agents, []string{"b", "d"}) || latest != later[3].ID {
-		t.Fatalf("Changed(t, %d) = %v, %d, %v; want [b d], %d", mark, agents, latest, err, later[3].ID)
-	}
-	agents, latest, err = s.Changed(ctx, "t", later[3].ID)
-	if err != nil || len(agents) != 0 || latest != later[3].ID {
-		t.Fatalf("Changed(t, newest) = %v, %d, %v; want nothing, the same id", agents, latest, err)
-	}
-	agents, latest, err = s.Changed(ctx, "u", 0)
-	slices.Sort(agents)
-	if err != nil || !slices.Equal(agents, []string{"a", "c"}) || latest != later[1].ID {
-		t.Fatalf("Changed(u, 0) = %v, %d, %v; want [a c], %d", agents, latest, err, later[1].ID)
+	for _, c := range []struct {
+		town  string
+		after int64
+		want  map[string]int64
+	}{
+		{"t", mark, map[string]int64{"b": later[2].ID, "d": later[3].ID}},
+		{"t", later[3].ID, map[string]int64{}},
+		{"u", 0, map[string]int64{"a": first[2].ID, "c": later[1].ID}},
+	} {
+		got, err := s.Changed(ctx, c.town, c.after)
+		if err != nil || !maps.Equal(got, c.want) {
+			t.Fatalf("Changed(%s, %d) = %v, %v; want %v", c.town, c.after, got, err, c.want)
+		}
 	}
 }

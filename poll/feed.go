@@ -25,6 +25,19 @@ type feed struct {
 	nusers  int         // subscribers and holds; guarded by s.mu
 	stopped atomic.Bool // set by shutdown, under mu, before it kicks the live subscribers
 
+	// Commits made in this process, pushed by Scheduler.Committed, for
+	// the feed's goroutine to fan out without a read.
+	pmu      sync.Mutex
+	pending  []*pushed
+	overflow bool // pending grew past maxPending and was dropped: read instead
+	// dirty says that another writer may have added events: the next wake
+	// reads the Source (set by poke).
+	dirty atomic.Bool
+	// synced is the town's id through which the feed has every event of
+	// its key (read, or history before it started); -1 until it knows.
+	// Written by the feed's goroutine; read by the sweep.
+	synced atomic.Int64
+
 	mu     sync.Mutex
 	cursor int64 // highest id fanned out; everything <= cursor is in the Source
 	ring   ring  // the newest items fanned out
@@ -34,7 +47,7 @@ type feed struct {
 
 func newFeed(s *Scheduler, k model.AgentKey) *feed {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &feed{
+	f := &feed{
 		s:     s,
 		key:   k,
 		wake:  make(chan struct{}, 1),
@@ -46,6 +59,8 @@ func newFeed(s *Scheduler, k model.AgentKey) *feed {
 		ring:  newRing(s.opts.RingLen, s.opts.RingBytes),
 		subs:  make(map[*Subscription]struct{}),
 	}
+	f.synced.Store(-1)
+	return f
 }
 
 func (f *feed) pullNow() {
@@ -55,11 +70,96 @@ func (f *feed) pullNow() {
 	}
 }
 
+// poke has the feed read its Source: events may have been added that no
+// push will bring.
 func (f *feed) poke() {
+	f.dirty.Store(true)
+	f.signal()
+}
+
+func (f *feed) signal() {
 	select {
 	case f.wake <- struct{}{}:
 	default:
 	}
+}
+
+// pushed is one commit as feeds get it (model.Commit): shared by the
+// feeds of all its agents and towns, and read-only.
+type pushed struct {
+	events []model.Event
+	towns  map[string]pushedTown
+}
+
+// pushedTown is what a commit says of one of its towns.
+type pushedTown struct {
+	// start is where the town's chain of commits began (see
+	// Scheduler.Committed): every event of the town above it, up to
+	// this commit, came in commits pushed before this one.
+	start int64
+	last  int64 // the town's highest id in the commit
+}
+
+// maxPending bounds the commits a feed holds unread: a feed that far
+// behind drops them and reads its Source once instead.
+const maxPending = 256
+
+// push queues a commit for the feed's goroutine. It never blocks.
+func (f *feed) push(p *pushed) {
+	f.pmu.Lock()
+	switch {
+	case len(f.pending) > 0 && f.pending[len(f.pending)-1] == p:
+		// The commit named the feed's town or agent twice.
+	case len(f.pending) >= maxPending:
+		clear(f.pending)
+		f.pending, f.overflow = f.pending[:0], true
+	case !f.overflow:
+		f.pending = append(f.pending, p)
+	}
+	f.pmu.Unlock()
+	f.signal()
+}
+
+// step brings the feed up to date after a wake: from the commits pushed
+// to it when they follow on from what it has, else by reading its Source.
+func (f *feed) step() error {
+	f.pmu.Lock()
+	groups, overflow := f.pending, f.overflow
+	f.pending, f.overflow = nil, false
+	f.pmu.Unlock()
+	if !f.dirty.Swap(false) && !overflow && f.apply(groups) {
+		return nil
+	}
+	return f.poll()
+}
+
+// apply fans out the key's events of the commits, in order, as long as
+// each follows on from what the feed has: the feed has every event of its
+// key through the start of the commit's chain, and the chain brought it
+// every one since, in order. It reports false at the first that does not
+// (a commit of another writer came between, unseen): the feed must read
+// its Source.
+func (f *feed) apply(groups []*pushed) bool {
+	town := f.key.Town
+	for _, g := range groups {
+		t, ok := g.towns[town]
+		synced := f.synced.Load()
+		if !ok || synced < 0 || synced < t.start {
+			return false
+		}
+		var evs []model.Event
+		for i := range g.events {
+			e := &g.events[i]
+			if e.TownID == town && (f.key.IsTown() || e.AgentID == f.key.Agent) && e.ID > f.cursor {
+				evs = append(evs, *e)
+			}
+		}
+		if len(evs) > 0 {
+			f.publish(evs, false)
+		}
+		f.synced.Store(max(synced, t.last))
+	}
+	return true
 }
 
 // shutdown stops the feed and waits for its goroutine; subscribers still
@@ -82,12 +182,19 @@ func (f *feed) run() {
 	// Start at the agent's newest event: history is each subscriber's own
 	// catch-up, the feed only carries what comes next.
 	for {
-		latest, err := f.s.src.Latest(f.ctx, f.key)
+		// The town's newest first: every event of the key up to it is
+		// then history, at or before the key's newest read next.
+		townLatest, err := f.townLatest()
+		var latest int64
+		if err == nil {
+			latest, err = f.s.src.Latest(f.ctx, f.key)
+		}
 		if err == nil {
 			f.mu.Lock()
 			f.cursor = latest
 			f.ring.base = latest
 			f.mu.Unlock()
+			f.synced.Store(max(townLatest, latest))
 			close(f.ready)
 			break
 		}
@@ -159,16 +266,31 @@ func (f *feed) run() {
 			default:
 			}
 		}
-		if err := f.poll(); err != nil && f.ctx.Err() == nil {
+		if pull {
+			f.dirty.Store(true) // the pull's commit was pushed, but read anyway
+		}
+		if err := f.step(); err != nil && f.ctx.Err() == nil {
 			f.s.Metrics.pollErrors.Inc()
 			log.Error("feed poll", "err", err)
+			f.dirty.Store(true)
 			retry.Reset(f.s.opts.Interval)
 		}
 	}
 }
 
-// poll reads everything after the cursor, a page at a time, and fans it out.
+// townLatest is the newest id of the feed's town.
+func (f *feed) townLatest() (int64, error) {
+	return f.s.src.Latest(f.ctx, model.AgentKey{Town: f.key.Town})
+}
+
+// poll reads everything after the cursor, a page at a time, and fans it
+// out. Having read the town's newest id first, it then has every event of
+// its key through that id too (synced).
 func (f *feed) poll() error {
+	townLatest, err := f.townLatest()
+	if err != nil {
+		return err
+	}
 	for first := true; ; first = false {
 		f.s.Metrics.polls.Inc()
 		evs, err := f.s.src.After(f.ctx, f.key, f.cursor, f.s.opts.PageSize)
@@ -176,6 +298,7 @@ func (f *feed) poll() error {
 			return err
 		}
 		if len(evs) == 0 {
+			f.synced.Store(max(f.synced.Load(), townLatest, f.cursor))
 			return nil
 		}
 		lost := false
@@ -189,6 +312,7 @@ func (f *feed) poll() error {
 		}
 		f.publish(evs, lost)
 		if len(evs) < f.s.opts.PageSize {
+			f.synced.Store(max(f.synced.Load(), townLatest, f.cursor))
 			return nil
 		}
 	}

@@ -73,9 +73,9 @@ type TownSource interface {
 // the town's agents are followed; without it, every feed reads its Source
 // each interval.
 type ChangeSource interface {
-	// Changed returns the agents of town with events above afterID, and
-	// the highest such id (afterID when there is none).
-	Changed(ctx context.Context, town string, afterID int64) (agents []string, latest int64, err error)
+	// Changed returns the agents of town with events above afterID, each
+	// with its highest id.
+	Changed(ctx context.Context, town string, afterID int64) (map[string]int64, error)
 }
 
 // ErrClosed is returned by Subscription.Next after the scheduler is closed.
@@ -159,12 +159,19 @@ type Scheduler struct {
 
 	stopSweep context.CancelFunc
 	swept     chan struct{} // closed when sweep returns
+
+	chainMu sync.Mutex
+	chains  map[string]chain // per town written: see Committed
 }
+
+// chain is a run of a town's commits pushed one after another.
+type chain struct{ start, last int64 }
 
 // New returns a Scheduler reading src. Close stops it.
 func New(src Source, opts Options) *Scheduler {
 	opts.fill()
-	s := &Scheduler{src: src, opts: opts, feeds: make(map[model.AgentKey]*feed), swept: make(chan struct{})}
+	s := &Scheduler{src: src, opts: opts, feeds: make(map[model.AgentKey]*feed), swept: make(chan struct{}),
+		chains: make(map[string]chain)}
 	s.Metrics = newMetrics(s)
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stopSweep = cancel
@@ -174,8 +181,9 @@ func New(src Source, opts Options) *Scheduler {
 
 // sweep pokes, every Interval, the feeds that other writers have given
 // something to read: the feeds of the agents a ChangeSource names, and of
-// their towns, given the highest id seen in each town so far; every feed
-// when the Source cannot name them.
+// their towns, given the highest id seen in each town so far, unless they
+// hold those events already (this process's own commits, pushed to them);
+// every feed when the Source cannot name them.
 //
 // Ids within a town are committed in order (the store assigns them under
 // the town's lock), so "above the highest id seen" misses none of a
@@ -203,6 +211,15 @@ func (s *Scheduler) sweep(ctx context.Context) {
 				delete(seen, town)
 			}
 		}
+		// A chain nobody follows need not be kept: one starts again at the
+		// town's next commit, which a feed started later reads up to anyway.
+		s.chainMu.Lock()
+		for town := range s.chains {
+			if towns[town] == nil {
+				delete(s.chains, town)
+			}
+		}
+		s.chainMu.Unlock()
 		for town, feeds := range towns {
 			last, known := seen[town]
 			if cs == nil || !known {
@@ -220,7 +237,7 @@ func (s *Scheduler) sweep(ctx context.Context) {
 				}
 				continue
 			}
-			agents, latest, err := cs.Changed(ctx, town, last)
+			agents, err := cs.Changed(ctx, town, last)
 			if err != nil {
 				if ctx.Err() == nil {
 					s.Metrics.pollErrors.Inc()
@@ -229,14 +246,18 @@ func (s *Scheduler) sweep(ctx context.Context) {
 				continue
 			}
 			s.Metrics.polls.Inc()
+			latest := last
+			for _, id := range agents {
+				latest = max(latest, id)
+			}
+			seen[town] = latest
 			if len(agents) == 0 {
 				continue
 			}
-			seen[town] = latest
 			s.mu.RLock()
-			s.pokeLocked(model.AgentKey{Town: town})
-			for _, a := range agents {
-				s.pokeLocked(model.AgentKey{Town: town, Agent: a})
+			s.pokeBehind(model.AgentKey{Town: town}, latest)
+			for a, id := range agents {
+				s.pokeBehind(model.AgentKey{Town: town, Agent: a}, id)
 			}
 			s.mu.RUnlock()
 		}
@@ -249,7 +270,8 @@ func feedKey(k model.AgentKey) model.AgentKey {
 }
 
 // Notify tells the feeds of these events' agents, and of their towns, to
-// poll now. It never blocks; call it from the store's commit hook.
+// read their Source now. It never blocks. It is for a Source that cannot
+// say what a commit stored (a store can: see Committed).
 func (s *Scheduler) Notify(events []model.Event) {
 	var last model.AgentKey
 	s.mu.RLock()
@@ -271,6 +293,64 @@ func (s *Scheduler) Notify(events []model.Event) {
 func (s *Scheduler) pokeLocked(k model.AgentKey) {
 	if f := s.feeds[k]; f != nil {
 		f.poke()
+	}
+}
+
+// pokeBehind pokes k's feed if it runs and has not read its key's events
+// through id. Called with s.mu held.
+func (s *Scheduler) pokeBehind(k model.AgentKey, id int64) {
+	if f := s.feeds[k]; f != nil && f.synced.Load() < id {
+		f.poke()
+	}
+}
+
+// Committed hands the feeds of a commit's agents, and of their towns, the
+// events it stored, so that they fan them out without reading them back.
+// It never blocks; call it, for every commit, in order, from the store's
+// commit hook (model.Store.OnCommit).
+//
+// Per town the scheduler keeps a chain: commits pushed one after another,
+// each starting where the one before ended (its Prev, the town's highest
+// id before it, is the previous one's highest). Every event of the town
+// in a chain was pushed, in order, to the feeds of its agent and its town.
+// A feed that has every event of its key through the chain's start can
+// therefore take the chain's commits as they come; one that cannot (a
+// commit of another writer broke the chain, or the feed started before
+// the chain did) reads its Source instead.
+func (s *Scheduler) Committed(c model.Commit) {
+	p := &pushed{events: c.Events, towns: make(map[string]pushedTown, len(c.Prev))}
+	for i := range c.Events {
+		t := p.towns[c.Events[i].TownID]
+		t.last = max(t.last, c.Events[i].ID)
+		p.towns[c.Events[i].TownID] = t
+	}
+	s.chainMu.Lock()
+	for town, t := range p.towns {
+		ch, ok := s.chains[town]
+		if prev := c.Prev[town]; !ok || prev > ch.last {
+			ch.start = prev // broken, or new: a chain starts here
+		}
+		ch.last = max(ch.last, t.last)
+		s.chains[town] = ch
+		t.start = ch.start
+		p.towns[town] = t
+	}
+	s.chainMu.Unlock()
+	var last model.AgentKey
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	for i := range c.Events {
+		k := model.AgentKey{Town: c.Events[i].TownID, Agent: c.Events[i].AgentID}
+		if i > 0 && k == last {
+			continue
+		}
+		last = k
+		if f := s.feeds[model.AgentKey{Town: k.Town}]; f != nil {
+			f.push(p)
+		}
+		if f := s.feeds[k]; f != nil {
+			f.push(p)
+		}
 	}
 }
 

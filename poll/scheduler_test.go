@@ -33,7 +33,7 @@ func newEnv(t testing.TB, sopts model.Options, popts Options) *env {
 		t.Fatal(err)
 	}
 	sched := New(store, popts)
-	store.OnCommit(sched.Notify)
+	store.OnCommit(sched.Committed)
 	t.Cleanup(func() {
 		sched.Close()
 		store.Close()

@@ -23,7 +23,7 @@ func (c *countingSource) After(ctx context.Context, k model.AgentKey, afterID in
 	return c.Store.After(ctx, k, afterID, limit)
 }
 
-func (c *countingSource) Changed(ctx context.Context, town string, afterID int64) ([]string, int64, error) {
+func (c *countingSource) Changed(ctx context.Context, town string, afterID int64) (map[string]int64, error) {
 	c.changed.Add(1)
 	return c.Store.Changed(ctx, town, afterID)
 }
@@ -96,4 +96,86 @@ func TestSweepOneReadPerTown(t *testing.T) {
 	if n := src.after.Load() - reads; n < 3 || n > 6 {
 		t.Fatalf("%d feed reads for two agents' changes; want 3 to 6", n)
 	}
+}
+
+// TestCommitsPushed: this process's commits reach the feeds without a
+// read of the Source; and a commit of another writer that came between
+// two of them (unseen: no notice, no sweep) is read, not skipped, so the
+// subscribers of the agent and of the town get every event once, in order.
+func TestCommitsPushed(t *testing.T) {
+	e := newEnv(t, model.Options{Retain: -1}, Options{})
+	src := &countingSource{Store: e.store}
+	sched := New(src, Options{Interval: time.Hour})
+	t.Cleanup(sched.Close)
+	e.store.OnCommit(sched.Committed)
+	ctx := context.Background()
+	agent, err := sched.Subscribe(ctx, key("a"), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	town, err := sched.Subscribe(ctx, model.AgentKey{Town: "t"}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the feeds to start", func() bool {
+		return sched.feedSynced(key("a")) >= 0 && sched.feedSynced(model.AgentKey{Town: "t"}) >= 0
+	})
+	var wantA, wantTown []int64
+	for range 10 {
+		ids := e.append(t, "a", "x", 3)
+		wantA, wantTown = append(wantA, ids...), append(wantTown, ids...)
+		wantTown = append(wantTown, e.append(t, "b", "x", 2)...)
+	}
+	readIDs(t, agent, wantA)
+	readIDs(t, town, wantTown)
+	if n := src.after.Load(); n != 0 {
+		t.Fatalf("%d Source reads for this process's own commits; want 0", n)
+	}
+
+	other, err := model.Open(ctx, e.path, model.Options{Retain: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	unseen := []model.Event{{TownID: "t", RigID: "r", AgentID: "a", Type: "remote", Data: json.RawMessage(`{}`)}}
+	if err := other.Append(ctx, unseen); err != nil {
+		t.Fatal(err)
+	}
+	ids := e.append(t, "a", "x", 2)
+	readIDs(t, agent, append([]int64{unseen[0].ID}, ids...))
+	readIDs(t, town, append([]int64{unseen[0].ID}, ids...))
+	if src.after.Load() == 0 {
+		t.Fatal("the other writer's commit was not read")
+	}
+}
+
+// readIDs reads from sub exactly the events want, in order.
+func readIDs(t *testing.T, sub *Subscription, want []int64) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var got []int64
+	var buf []*Item
+	for len(got) < len(want) {
+		var err error
+		if buf, err = sub.Next(ctx, buf, 100); err != nil {
+			t.Fatalf("after %d of %d: %v", len(got), len(want), err)
+		}
+		for _, it := range buf {
+			got = append(got, it.ID)
+		}
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+}
+
+// feedSynced is the synced mark of k's feed, or -2 with no feed.
+func (s *Scheduler) feedSynced(k model.AgentKey) int64 {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if f := s.feeds[feedKey(k)]; f != nil {
+		return f.synced.Load()
+	}
+	return -2
 }

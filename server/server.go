@@ -89,7 +89,7 @@ func New(store *model.Store, sched *poll.Scheduler, auth *Auth, opts Options) *S
 		noDelivery: opts.NoDeliveryHistogram,
 	}
 	s.drain, s.drainNow = context.WithCancel(context.Background())
-	store.OnCommit(sched.Notify)
+	store.OnCommit(sched.Committed)
 	s.metrics.reg.MustRegister(sched.Metrics.Collectors()...)
 	s.metrics.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "agentstream_store_writable",
