@@ -22,14 +22,17 @@ const maxNotifyPayload = 7000
 // delivered at the commit and only if the commit happens. One per group,
 // never per event: a transaction that notifies takes a database-wide lock
 // at commit, so notifications are kept as few as the commits.
-func (postgresDialect) notify(ctx context.Context, tx bun.Tx, agents []AgentKey) error {
+func (d postgresDialect) notify(ctx context.Context, tx bun.Tx, agents []AgentKey) error {
 	if len(agents) == 0 {
 		return nil
 	}
 	var b strings.Builder
+	head := "@" + d.origin + "\n"
+	b.WriteString(head)
 	for _, k := range agents {
 		if b.Len()+len(k.Town)+len(k.Agent)+2 > maxNotifyPayload {
 			b.Reset()
+			b.WriteString(head)
 			b.WriteString("*")
 			break
 		}
@@ -44,20 +47,22 @@ func (postgresDialect) notify(ctx context.Context, tx bun.Tx, agents []AgentKey)
 	return nil
 }
 
-// parseNotify reads a notification's payload back into agents; nil means
-// any agent.
-func parseNotify(payload string) []AgentKey {
-	if payload == "*" {
-		return nil
+// parseNotify reads a notification's payload back into the store it came
+// from and its agents; nil means any agent.
+func parseNotify(payload string) (origin string, keys []AgentKey) {
+	if rest, ok := strings.CutPrefix(payload, "@"); ok {
+		origin, payload, _ = strings.Cut(rest, "\n")
 	}
-	var keys []AgentKey
+	if payload == "*" {
+		return origin, nil
+	}
 	for line := range strings.SplitSeq(strings.TrimSuffix(payload, "\n"), "\n") {
 		town, agent, ok := strings.Cut(line, "/")
 		if ok {
 			keys = append(keys, AgentKey{Town: town, Agent: agent})
 		}
 	}
-	return keys
+	return origin, keys
 }
 
 // listen holds one connection of its own in LISTEN. Ids and agents are
@@ -99,6 +104,10 @@ func (d postgresDialect) listenOnce(ctx context.Context, fn func([]AgentKey), co
 		if err != nil {
 			return err
 		}
-		fn(parseNotify(n.Payload))
+		origin, keys := parseNotify(n.Payload)
+		if origin == d.origin {
+			continue // this store's own commit, pushed through OnCommit
+		}
+		fn(keys)
 	}
 }

@@ -11,7 +11,8 @@ import (
 // TestListen: on PostgreSQL one store hears another's commits, one
 // notification per group commit naming its agents; after its LISTEN
 // connection is killed it comes back by itself, says "any agent" (it may
-// have missed some), and hears the next commits. SQLite has no LISTEN.
+// have missed some), and hears the next commits, but never its own.
+// SQLite has no LISTEN.
 func TestListen(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -66,5 +67,16 @@ func TestListen(t *testing.T) {
 	}
 	if keys := next("a commit after the reconnect"); !slices.Equal(keys, []AgentKey{{Town: "t", Agent: "a1"}}) {
 		t.Fatalf("heard %v", keys)
+	}
+	// A store does not hear its own commits: they reach its feeds
+	// through OnCommit.
+	if err := b.Append(ctx, []Event{ev("t", "r", "own", "x", 5)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Append(ctx, []Event{ev("t", "r", "a2", "x", 6)}); err != nil {
+		t.Fatal(err)
+	}
+	if keys := next("a's commit after b's own"); !slices.Equal(keys, []AgentKey{{Town: "t", Agent: "a2"}}) {
+		t.Fatalf("heard %v, want only a's commit", keys)
 	}
 }

@@ -2,6 +2,7 @@ package model
 
 import (
 	"context"
+	"crypto/rand"
 	"database/sql"
 	"fmt"
 	"net/url"
@@ -17,6 +18,9 @@ import (
 // postgresDialect is for several instances on one PostgreSQL database.
 type postgresDialect struct {
 	dsn string // for the LISTEN connection, which is not the pool's
+	// origin names this store in its notifications, so that its own
+	// LISTEN skips them: its commits reach its feeds through OnCommit.
+	origin string
 }
 
 // lockTowns takes a transaction-scoped advisory lock per town before the
@@ -80,5 +84,5 @@ func openPostgres(ctx context.Context, dsn string) (*bun.DB, dialect, error) {
 		db.Close()
 		return nil, nil, fmt.Errorf("open %s: %w", redact(dsn), err)
 	}
-	return db, postgresDialect{dsn: dsn}, nil
+	return db, postgresDialect{dsn: dsn, origin: rand.Text()}, nil
 }
