@@ -185,8 +185,8 @@ func (f *feed) run() {
 		// The town's newest first: every event of the key up to it is
 		// then history, at or before the key's newest read next.
 		townLatest, err := f.townLatest()
-		var latest int64
-		if err == nil {
+		latest := townLatest
+		if err == nil && !f.key.IsTown() {
 			latest, err = f.s.src.Latest(f.ctx, f.key)
 		}
 		if err == nil {
@@ -240,7 +240,7 @@ func (f *feed) run() {
 			return
 		}
 		if pull {
-			// A failed pull still lets the poll below deliver what the
+			// A failed pull still lets the step below deliver what the
 			// Source has; the next one tries again.
 			n, err := up.Pull(f.ctx, f.key)
 			switch {
@@ -259,15 +259,12 @@ func (f *feed) run() {
 				next = f.s.opts.BusyInterval
 			}
 			pullT.Reset(next)
-			// The pull's own commit poked the feed; the poll below reads
-			// that commit anyway.
+			// The pull's own commit was pushed to the feed before Pull
+			// returned, and woke it: the step below takes it.
 			select {
 			case <-f.wake:
 			default:
 			}
-		}
-		if pull {
-			f.dirty.Store(true) // the pull's commit was pushed, but read anyway
 		}
 		if err := f.step(); err != nil && f.ctx.Err() == nil {
 			f.s.Metrics.pollErrors.Inc()
