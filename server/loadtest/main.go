@@ -94,7 +94,7 @@ func main() {
 		return
 	}
 	if *metricsCostReps > 0 {
-		metricsCost(*bin, *duration, *metricsCostReps)
+		metricsCost(*bin, *duration, *metricsCostReps, *only)
 		return
 	}
 	if *agents != "" {

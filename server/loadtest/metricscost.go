@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/http"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -15,11 +16,14 @@ import (
 // second during each run, which prices the streams-behind gauge as well
 // (it is computed at scrape time, 15 times more often than a usual
 // Prometheus scrape interval).
-func metricsCost(bin string, d time.Duration, reps int) {
+func metricsCost(bin string, d time.Duration, reps int, only string) {
 	fmt.Printf("%-4s %6s %5s %-4s %10s %6s %5s %9s %9s %14s\n",
 		"tr", "subs", "ev/s", "hist", "delivered", "lost", "dup", "p50", "p99", "deliveries/cpu-s")
 	for _, sc := range []struct{ subs, rate int }{{1000, 200}, {5000, 10}} {
 		for _, transport := range []string{"sse", "ws"} {
+			if !strings.Contains(fmt.Sprintf("%s/%dx%d", transport, sc.subs, sc.rate), only) {
+				continue
+			}
 			var ratios []float64
 			for rep := range reps {
 				got := map[bool]float64{}
