@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"iter"
 	"log"
 	"net"
 	"net/http"
@@ -210,23 +211,13 @@ func postAsAgents(n, count int, perSecond float64, post func(c *http.Client, age
 // (subscriber i agent i%n), seq k*n+agent being the agent's events: it
 // visits only each subscriber's own.
 func tallyStride(subs []*subscriber, n, total int, cpu float64) result {
-	r := result{cpu: cpu}
-	var lat []time.Duration
-	for i, sub := range subs {
-		for seq := i % n; seq < total; seq += n {
-			switch c := sub.seen[seq]; {
-			case c == 0:
-				r.lost++
-			case c > 1:
-				r.dup += c - 1
+	return tallySeqs(subs, cpu, func(sub int) iter.Seq[int] {
+		return func(yield func(int) bool) {
+			for seq := sub % n; seq < total; seq += n {
+				if !yield(seq) {
+					return
+				}
 			}
 		}
-		r.delivered += len(sub.lat)
-		lat = append(lat, sub.lat...)
-	}
-	slices.Sort(lat)
-	if len(lat) > 0 {
-		r.p50, r.p99 = lat[len(lat)/2], lat[len(lat)*99/100]
-	}
-	return r
+	})
 }

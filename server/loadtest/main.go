@@ -42,6 +42,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"iter"
 	"log"
 	"net"
 	"net/http"
@@ -427,13 +428,24 @@ func publishAll(total, rate int, post func(seq int) error) {
 // tally counts what subscribers got of seq 0 to total-1: each should have
 // got, once, every seq that wants(subscriber, seq) says.
 func tally(subs []*subscriber, total int, cpu float64, wants func(sub, seq int) bool) result {
+	return tallySeqs(subs, cpu, func(sub int) iter.Seq[int] {
+		return func(yield func(int) bool) {
+			for seq := range total {
+				if wants(sub, seq) && !yield(seq) {
+					return
+				}
+			}
+		}
+	})
+}
+
+// tallySeqs counts what subscribers got: each should have got, once,
+// every seq of seqs(subscriber).
+func tallySeqs(subs []*subscriber, cpu float64, seqs func(sub int) iter.Seq[int]) result {
 	r := result{cpu: cpu}
 	var lat []time.Duration
 	for i, sub := range subs {
-		for seq := range total {
-			if !wants(i, seq) {
-				continue
-			}
+		for seq := range seqs(i) {
 			switch c := sub.seen[seq]; {
 			case c == 0:
 				r.lost++
