@@ -28,7 +28,7 @@ type feed struct {
 	// Commits made in this process, pushed by Scheduler.Committed, for
 	// the feed's goroutine to fan out without a read.
 	pmu      sync.Mutex
-	pending  []*pushed
+	pending  []pushed
 	overflow bool // pending grew past maxPending and was dropped: read instead
 	// dirty says that another writer may have added events: the next wake
 	// reads the Source (set by poke).
@@ -84,18 +84,13 @@ func (f *feed) signal() {
 	}
 }
 
-// pushed is one commit as feeds get it (model.Commit): shared by the
-// feeds of all its agents and towns, and read-only.
+// pushed is what a feed gets of one commit (model.Commit): the events of
+// its key, and where the commit stands in its town's chain.
 type pushed struct {
-	events []model.Event
-	towns  map[string]pushedTown
-}
-
-// pushedTown is what a commit says of one of its towns.
-type pushedTown struct {
+	events []model.Event // the key's, in id order
 	// start is where the town's chain of commits began (see
-	// Scheduler.Committed): every event of the town above it, up to
-	// this commit, came in commits pushed before this one.
+	// Scheduler.Committed): every event of the town above it, up to this
+	// commit, came in commits pushed before this one.
 	start int64
 	last  int64 // the town's highest id in the commit
 }
@@ -105,11 +100,9 @@ type pushedTown struct {
 const maxPending = 256
 
 // push queues a commit for the feed's goroutine. It never blocks.
-func (f *feed) push(p *pushed) {
+func (f *feed) push(p pushed) {
 	f.pmu.Lock()
 	switch {
-	case len(f.pending) > 0 && f.pending[len(f.pending)-1] == p:
-		// The commit named the feed's town or agent twice.
 	case len(f.pending) >= maxPending:
 		clear(f.pending)
 		f.pending, f.overflow = f.pending[:0], true
@@ -139,25 +132,21 @@ func (f *feed) step() error {
 // every one since, in order. It reports false at the first that does not
 // (a commit of another writer came between, unseen): the feed must read
 // its Source.
-func (f *feed) apply(groups []*pushed) bool {
-	town := f.key.Town
+func (f *feed) apply(groups []pushed) bool {
 	for _, g := range groups {
-		t, ok := g.towns[town]
 		synced := f.synced.Load()
-		if !ok || synced < 0 || synced < t.start {
+		if synced < 0 || synced < g.start {
 			return false
 		}
-		var evs []model.Event
-		for i := range g.events {
-			e := &g.events[i]
-			if e.TownID == town && (f.key.IsTown() || e.AgentID == f.key.Agent) && e.ID > f.cursor {
-				evs = append(evs, *e)
-			}
+		// What a read since the commit brought is not new.
+		i := 0
+		for i < len(g.events) && g.events[i].ID <= f.cursor {
+			i++
 		}
-		if len(evs) > 0 {
-			f.publish(evs, false)
+		if i < len(g.events) {
+			f.publish(g.events[i:], false)
 		}
-		f.synced.Store(max(synced, t.last))
+		f.synced.Store(max(synced, g.last))
 	}
 	return true
 }

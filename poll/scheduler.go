@@ -318,39 +318,41 @@ func (s *Scheduler) pokeBehind(k model.AgentKey, id int64) {
 // commit of another writer broke the chain, or the feed started before
 // the chain did) reads its Source instead.
 func (s *Scheduler) Committed(c model.Commit) {
-	p := &pushed{events: c.Events, towns: make(map[string]pushedTown, len(c.Prev))}
+	type town struct{ start, last int64 }
+	towns := make(map[string]town, len(c.Prev))
 	for i := range c.Events {
-		t := p.towns[c.Events[i].TownID]
+		t := towns[c.Events[i].TownID]
 		t.last = max(t.last, c.Events[i].ID)
-		p.towns[c.Events[i].TownID] = t
+		towns[c.Events[i].TownID] = t
 	}
 	s.chainMu.Lock()
-	for town, t := range p.towns {
-		ch, ok := s.chains[town]
-		if prev := c.Prev[town]; !ok || prev > ch.last {
+	for name, t := range towns {
+		ch, ok := s.chains[name]
+		if prev := c.Prev[name]; !ok || prev > ch.last {
 			ch.start = prev // broken, or new: a chain starts here
 		}
 		ch.last = max(ch.last, t.last)
-		s.chains[town] = ch
+		s.chains[name] = ch
 		t.start = ch.start
-		p.towns[town] = t
+		towns[name] = t
 	}
 	s.chainMu.Unlock()
-	var last model.AgentKey
+	// Each feed gets its key's events, split out here once.
+	byFeed := make(map[*feed][]model.Event)
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	for i := range c.Events {
-		k := model.AgentKey{Town: c.Events[i].TownID, Agent: c.Events[i].AgentID}
-		if i > 0 && k == last {
-			continue
+		e := &c.Events[i]
+		if f := s.feeds[model.AgentKey{Town: e.TownID}]; f != nil {
+			byFeed[f] = append(byFeed[f], *e)
 		}
-		last = k
-		if f := s.feeds[model.AgentKey{Town: k.Town}]; f != nil {
-			f.push(p)
+		if f := s.feeds[model.AgentKey{Town: e.TownID, Agent: e.AgentID}]; f != nil {
+			byFeed[f] = append(byFeed[f], *e)
 		}
-		if f := s.feeds[k]; f != nil {
-			f.push(p)
-		}
+	}
+	for f, evs := range byFeed {
+		t := towns[f.key.Town]
+		f.push(pushed{events: evs, start: t.start, last: t.last})
 	}
 }
 
