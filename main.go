@@ -218,6 +218,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 	bodyTimeout := fs.Duration("body-timeout", server.DefaultBodyTimeout, "time a client has to send a request's body")
 	idle := fs.Duration("idle-timeout", server.DefaultIdleTimeout, "time a keep-alive connection may wait for its next request")
 	drainTimeout := fs.Duration("drain-timeout", server.DefaultDrainTimeout, "on SIGTERM or SIGINT, how long in-flight requests and streams get to finish before their connections are closed")
+	netHTTP2 := fs.Bool("net-http2", false, "serve HTTP/2 with net/http's server instead of agentstream's own (more memory and goroutines per stream; see docs/streaming.md)")
 	deliveryHist := fs.Bool("delivery-histogram", true, "record each live event's time from commit to its stream's socket in agentstream_stream_delivery_seconds (false saves that cost; see docs/metrics.md)")
 	idemWindow := fs.Duration("idempotency-window", server.DefaultIdempotencyWindow, "how long ingest remembers an Idempotency-Key (at least 24h)")
 	if err := parse(fs, args); err != nil {
@@ -274,6 +275,7 @@ func cmdServe(args []string, stdout, stderr io.Writer) error {
 		Secret: os.Getenv("AGENTSTREAM_SECRET"), SecretFile: *secretFile, Log: log, Out: stdout,
 		MaxConns: *maxConns, ReadHeaderTimeout: *readHeader, IdleTimeout: *idle, IdempotencyWindow: *idemWindow, DrainTimeout: *drainTimeout,
 		NoDeliveryHistogram: !*deliveryHist,
+		NetHTTP2:            *netHTTP2,
 		Limits: server.Limits{
 			StreamsPerTown: *townStreams, TicketsPerTown: *townTickets, BodyTimeout: *bodyTimeout,
 			IngestEvents: *ingestEvents, IngestEventBurst: *ingestEventBurst,

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -47,6 +48,9 @@ type Config struct {
 	// NoDeliveryHistogram turns off agentstream_stream_delivery_seconds
 	// (--delivery-histogram=false).
 	NoDeliveryHistogram bool
+	// NetHTTP2 serves HTTP/2 with net/http's server instead of
+	// agentstream's own (--net-http2; see docs/streaming.md).
+	NetHTTP2 bool
 	// MaxConns caps open connections; 0: the open-file limit less
 	// ConnReserve. Past it a connection is refused at once.
 	MaxConns int
@@ -172,7 +176,8 @@ func Serve(ctx context.Context, cfg Config) error {
 		defer poller.Close()
 	}
 	api := New(store, sched, auth, Options{Log: log, WriteTimeout: cfg.WriteTimeout, Keepalive: cfg.Keepalive,
-		Origins: cfg.Origins, Poller: poller, Limits: cfg.Limits, NoDeliveryHistogram: cfg.NoDeliveryHistogram})
+		Origins: cfg.Origins, Poller: poller, Limits: cfg.Limits, NoDeliveryHistogram: cfg.NoDeliveryHistogram,
+		NetHTTP2: cfg.NetHTTP2})
 	ln.OnRefuse = func() { api.metrics.refused.WithLabelValues("connections").Inc() }
 	srv := newHTTPServer(api, log, cfg.ReadHeaderTimeout, cfg.IdleTimeout)
 	if relay != nil {
@@ -286,16 +291,24 @@ func Serve(ctx context.Context, cfg Config) error {
 // requests and streams to finish.
 const DefaultDrainTimeout = 10 * time.Second
 
-// newHTTPServer is the http.Server agentstream runs: HTTP/1.1 and HTTP/2 on
-// one port — HTTP/2 by ALPN over TLS, and as cleartext h2c with prior
-// knowledge — so a browser multiplexes many agent streams over one
-// connection instead of six per host.
+// httpServer is the HTTP server agentstream runs: net/http's for HTTP/1.1,
+// with HTTP/2 handed to agentstream's own (transport.H2) unless the
+// Options say otherwise.
+type httpServer struct {
+	*http.Server
+	h2 *transport.H2 // nil: net/http serves HTTP/2 too
+}
+
+// newHTTPServer serves api with HTTP/1.1 and HTTP/2 on one port — HTTP/2
+// by ALPN over TLS, and as cleartext h2c with prior knowledge — so a
+// browser multiplexes many agent streams over one connection instead of
+// six per host.
 //
 // There is no ReadTimeout or WriteTimeout: they would cut streams, which
 // last as long as their agent. Headers have ReadHeaderTimeout, bodies the
 // handlers' own deadline (Limits.BodyTimeout), streams their write
 // timeout and keepalives.
-func newHTTPServer(h http.Handler, log *slog.Logger, readHeader, idle time.Duration) *http.Server {
+func newHTTPServer(api *Server, log *slog.Logger, readHeader, idle time.Duration) *httpServer {
 	if readHeader <= 0 {
 		readHeader = DefaultReadHeaderTimeout
 	}
@@ -306,13 +319,57 @@ func newHTTPServer(h http.Handler, log *slog.Logger, readHeader, idle time.Durat
 	protocols.SetHTTP1(true)
 	protocols.SetHTTP2(true)
 	protocols.SetUnencryptedHTTP2(true)
-	return &http.Server{
-		Handler:           h,
+	hs := &httpServer{Server: &http.Server{
+		Handler:           api,
 		Protocols:         protocols,
 		ReadHeaderTimeout: readHeader,
 		IdleTimeout:       idle,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}}
+	if !api.netHTTP2 {
+		hs.h2 = &transport.H2{Handler: api, Opts: api.streamOpts, IdleTimeout: idle, Log: log}
+		hs.h2.Install(hs.Server)
 	}
+	return hs
+}
+
+// ServeTLS serves HTTPS with the server's TLSConfig; HTTP/2 is offered by
+// ALPN.
+func (hs *httpServer) ServeTLS(ln net.Listener, certFile, keyFile string) error {
+	if hs.h2 != nil {
+		if hs.TLSConfig == nil {
+			hs.TLSConfig = &tls.Config{}
+		}
+		// With TLSNextProto set, net/http no longer adds the token itself.
+		if !slices.Contains(hs.TLSConfig.NextProtos, "h2") {
+			hs.TLSConfig.NextProtos = append([]string{"h2"}, hs.TLSConfig.NextProtos...)
+		}
+		if !slices.Contains(hs.TLSConfig.NextProtos, "http/1.1") {
+			hs.TLSConfig.NextProtos = append(hs.TLSConfig.NextProtos, "http/1.1")
+		}
+	}
+	return hs.Server.ServeTLS(ln, certFile, keyFile)
+}
+
+// Shutdown stops both servers gracefully: no new connections or streams,
+// and requests in flight finish, until ctx ends.
+func (hs *httpServer) Shutdown(ctx context.Context) error {
+	if hs.h2 == nil {
+		return hs.Server.Shutdown(ctx)
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- hs.h2.Shutdown(ctx) }()
+	err := hs.Server.Shutdown(ctx)
+	return errors.Join(err, <-errc)
+}
+
+// Close closes every connection at once.
+func (hs *httpServer) Close() error {
+	err := hs.Server.Close()
+	if hs.h2 != nil {
+		hs.h2.Close()
+	}
+	return err
 }
 
 // Timeouts of the HTTP server (see docs/limits.md).

@@ -37,6 +37,7 @@ type Server struct {
 	townStrs   *townStreams
 	rate       *rateLimiter
 	noDelivery bool         // Options.NoDeliveryHistogram
+	netHTTP2   bool         // Options.NetHTTP2
 	lastProbe  atomic.Int64 // UnixNano of readyz's last write probe
 
 	drain    context.Context // cancelled by Drain: every stream ends
@@ -62,6 +63,10 @@ type Options struct {
 	// NoDeliveryHistogram leaves agentstream_stream_delivery_seconds
 	// empty, saving an observation per event and stream.
 	NoDeliveryHistogram bool
+	// NetHTTP2 leaves HTTP/2 to net/http's server, where an event stream
+	// keeps its handler goroutine; by default agentstream serves HTTP/2
+	// itself and detaches streams as on HTTP/1.1 (transport.H2).
+	NetHTTP2 bool
 }
 
 // New returns a Server. It wires the store's commit hook to the scheduler,
@@ -87,6 +92,7 @@ func New(store *model.Store, sched *poll.Scheduler, auth *Auth, opts Options) *S
 		origins:    opts.Origins,
 		encoders:   encoders(),
 		noDelivery: opts.NoDeliveryHistogram,
+		netHTTP2:   opts.NetHTTP2,
 	}
 	s.drain, s.drainNow = context.WithCancel(context.Background())
 	store.OnCommit(sched.Committed)

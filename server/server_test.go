@@ -92,7 +92,9 @@ func newEnvOn(t testing.TB, dsn string, opts Options, sopts model.Options, popts
 		t.Fatal(err)
 	}
 	hs := newHTTPServer(api, opts.Log, 0, 0)
-	go hs.Serve(ln)
+	// As Serve does: a cleartext HTTP/2 connection is detached from
+	// net/http only through the LimitListener's connections.
+	go hs.Serve(transport.NewLimitListener(ln, 1<<20, connRefusal))
 	tr := &http.Transport{MaxIdleConnsPerHost: 64}
 	stop := sync.OnceFunc(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

@@ -216,6 +216,13 @@ func (s *Server) handleStream(w http.ResponseWriter, r *http.Request) {
 		release = nil
 		return
 	}
+	if transport.CanDetach(w) {
+		s.detachedStream(w, r, target, cursor, false, release, func(gone func()) (transport.Stream, error) {
+			return transport.DetachSSE(w, r, s.streamOpts, kind == "ndjson", gone)
+		})
+		release = nil
+		return
+	}
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
 	stopOnDrain := context.AfterFunc(s.drain, cancel)

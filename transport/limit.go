@@ -61,11 +61,25 @@ func (l *LimitListener) Accept() (net.Conn, error) {
 // limitedConn gives its slot back when closed, once.
 type limitedConn struct {
 	net.Conn
-	l    *LimitListener
-	once sync.Once
+	l        *LimitListener
+	once     sync.Once
+	detached atomic.Bool
+}
+
+// Detach takes the connection from whoever holds c, as a hijack does: c's
+// Close does nothing from now on, and the connection returned (holding the
+// same slot) is the one to close. It is how H2 takes a cleartext HTTP/2
+// connection from net/http, which closes what it was given when its
+// handoff returns.
+func (c *limitedConn) Detach() net.Conn {
+	c.detached.Store(true)
+	return &limitedConn{Conn: c.Conn, l: c.l}
 }
 
 func (c *limitedConn) Close() error {
+	if c.detached.Load() {
+		return nil
+	}
 	err := c.Conn.Close()
 	c.once.Do(func() { c.l.open.Add(-1) })
 	return err
