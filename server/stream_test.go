@@ -79,9 +79,16 @@ func TestStreamBackfillLiveEnd(t *testing.T) {
 	}
 	// Where the client's side is read on a goroutine per stream, not
 	// through the Poller: systems without epoll.
-	for _, kind := range []string{"sse-h1", "ws"} {
+	for _, kind := range []string{"sse-h1", "ws", "sse-h2c"} {
 		t.Run(kind+"/no-poller", func(t *testing.T) {
 			backfillLiveEnd(t, newEnvNoPoller(t, Options{}, model.Options{}), kind)
+		})
+	}
+	// HTTP/2 left to net/http's server (--net-http2), where a stream
+	// keeps its handler's goroutine.
+	for _, kind := range []string{"sse-h2c", "sse-h2tls"} {
+		t.Run(kind+"/net-http2", func(t *testing.T) {
+			backfillLiveEnd(t, newEnvWith(t, Options{NetHTTP2: true}, model.Options{}), kind)
 		})
 	}
 }
