@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -168,7 +169,8 @@ type h2Conn struct {
 	maxFrame  int    // the client's SETTINGS_MAX_FRAME_SIZE
 	recvUnack int    // body bytes consumed and not yet given back by WINDOW_UPDATE
 	goneAway  bool
-	err       error // set once the connection is closed
+	err       error       // set once the connection is closed
+	closed    atomic.Bool // err is set: for the writers' check without mu
 	idle      *time.Timer
 
 	// Reading through the Poller: bytes of frames not yet whole.
@@ -192,8 +194,9 @@ type h2Stream struct {
 	bodyErr   error  // the body cannot be read further (reset, deadline)
 	recvAvail int64  // what the client may still send before a WINDOW_UPDATE
 	recvUnack int
-	reset     bool // RST_STREAM either way: nothing more is written
-	done      bool // the response has ended (END_STREAM sent)
+	reset     bool        // RST_STREAM either way: nothing more is written
+	isReset   atomic.Bool // reset, for the writer's check without c.mu
+	done      bool        // the response has ended (END_STREAM sent)
 	onGone    func()
 	readDL    time.Time // SetReadDeadline's
 	bodyTimer *time.Timer
@@ -303,6 +306,7 @@ func (c *h2Conn) onReadable() {
 			c.close(err)
 			return
 		}
+		drained := n < len(*buf) // most likely: then the next read would find nothing
 		data := (*buf)[:n]
 		if len(c.rbuf) > 0 {
 			c.rbuf = append(c.rbuf, data...)
@@ -331,6 +335,11 @@ func (c *h2Conn) onReadable() {
 		c.rbuf = append([]byte(nil), data[whole:]...)
 		if len(c.rbuf) == 0 {
 			c.rbuf = nil
+		}
+		if drained {
+			// Bytes that came since are reported by the watch at once:
+			// it is level-triggered. That saves a read per wake-up.
+			break
 		}
 	}
 	c.mu.Lock()
@@ -685,6 +694,7 @@ func (c *h2Conn) endStream(st *h2Stream, err error) {
 	}
 	delete(c.streams, st.id)
 	st.reset = true
+	st.isReset.Store(true)
 	if st.bodyErr == nil {
 		st.bodyErr = err
 	}
@@ -781,6 +791,7 @@ func (c *h2Conn) close(err error) {
 		return
 	}
 	c.err = err
+	c.closed.Store(true)
 	streams := make([]*h2Stream, 0, len(c.streams))
 	for _, st := range c.streams {
 		streams = append(streams, st)
@@ -840,22 +851,41 @@ func (c *h2Conn) write(bufs net.Buffers) error {
 }
 
 func (c *h2Conn) writeLocked(bufs net.Buffers) error {
-	c.mu.Lock()
-	err := c.err
-	c.mu.Unlock()
-	if err != nil {
-		return err
+	if c.closed.Load() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.err
 	}
 	if err := c.dl.refresh(); err != nil {
 		go c.close(err)
 		return err
 	}
-	if _, err := bufs.WriteTo(c.out); err != nil {
+	var err error
+	if _, ok := c.out.(*net.TCPConn); ok {
+		_, err = bufs.WriteTo(c.out)
+	} else {
+		// Through TLS each buffer would be a record of its own: one
+		// write, one record (or a few, for a large batch), instead.
+		b := writeBufs.Get().(*[]byte)
+		for _, p := range bufs {
+			*b = append(*b, p...)
+		}
+		_, err = c.out.Write(*b)
+		if cap(*b) <= 64<<10 {
+			*b = (*b)[:0]
+			writeBufs.Put(b)
+		}
+	}
+	if err != nil {
 		go c.close(err)
 		return err
 	}
 	return nil
 }
+
+// writeBufs gather a write's frames for a connection that is not a bare
+// socket (TLS).
+var writeBufs = sync.Pool{New: func() any { b := make([]byte, 0, 16<<10); return &b }}
 
 // writeHeaders writes a HEADERS frame (and CONTINUATIONs) for st.
 func (c *h2Conn) writeHeaders(st *h2Stream, status int, h http.Header, end bool) error {
@@ -901,8 +931,9 @@ func (c *h2Conn) writeHeaders(st *h2Stream, status int, h http.Header, end bool)
 }
 
 // takeWindow waits until st may send, then takes up to want bytes of both
-// windows. It fails when the stream or connection ends, or at deadline.
-func (c *h2Conn) takeWindow(st *h2Stream, want int, deadline time.Time) (int, error) {
+// windows. It fails when the stream or connection ends, or at the
+// deadline: *at, set to timeout from now at the first wait if zero.
+func (c *h2Conn) takeWindow(st *h2Stream, want int, timeout time.Duration, at *time.Time) (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	var timer *time.Timer
@@ -923,8 +954,11 @@ func (c *h2Conn) takeWindow(st *h2Stream, want int, deadline time.Time) (int, er
 			st.sendWin -= n
 			return int(n), nil
 		}
-		if !deadline.IsZero() {
-			d := time.Until(deadline)
+		if at.IsZero() && timeout > 0 {
+			*at = time.Now().Add(timeout)
+		}
+		if !at.IsZero() {
+			d := time.Until(*at)
 			if d <= 0 {
 				return 0, os.ErrDeadlineExceeded
 			}
@@ -942,10 +976,19 @@ func (c *h2Conn) takeWindow(st *h2Stream, want int, deadline time.Time) (int, er
 
 var errStreamReset = errors.New("http2: stream reset")
 
-// writeData writes p as DATA frames on st, as the windows allow, ending
-// the stream after it when end is set. frames, if given, are written
-// instead of p: whole pieces packed into DATA frames with one write.
-func (c *h2Conn) writeData(st *h2Stream, pieces [][]byte, end bool, deadline time.Time) error {
+// h2Scratch is the buffers of one write, kept by a stream between writes.
+type h2Scratch struct {
+	bufs net.Buffers
+	hdrs []byte
+}
+
+// writeData writes pieces as DATA frames on st, as the windows allow,
+// packed into as few frames as the client's frame size permits, with one
+// write; the stream ends after them when end is set. A wait for a window
+// gives up at the deadline: at, or timeout from the first wait when at is
+// zero (and timeout positive). sc, if not nil, lends the write its
+// buffers. The pieces slice's elements are changed.
+func (c *h2Conn) writeData(st *h2Stream, pieces [][]byte, end bool, timeout time.Duration, at time.Time, sc *h2Scratch) error {
 	total := 0
 	for _, p := range pieces {
 		total += len(p)
@@ -956,20 +999,25 @@ func (c *h2Conn) writeData(st *h2Stream, pieces [][]byte, end bool, deadline tim
 		}
 		return c.writeStream(st, net.Buffers{appendFrameHeader(nil, 0, http2.FrameData, http2.FlagDataEndStream, st.id)})
 	}
-	var bufs net.Buffers
-	var hdrs []byte
+	if sc == nil {
+		sc = new(h2Scratch)
+	}
+	bufs, hdrs := sc.bufs[:0], sc.hdrs[:0]
+	taken := 0 // window taken for frames not yet written
+	var err error
 	for total > 0 {
-		n, err := c.takeWindow(st, total, deadline)
-		if err != nil {
-			return err
+		var n int
+		if n, err = c.takeWindow(st, total, timeout, &at); err != nil {
+			break
 		}
+		taken += n
 		total -= n
 		flags := http2.Flags(0)
 		if end && total == 0 {
 			flags = http2.FlagDataEndStream
 		}
 		if cap(hdrs)-len(hdrs) < 9 {
-			hdrs = make([]byte, 0, 9*8)
+			hdrs = make([]byte, 0, 9*4)
 		}
 		hdrs = appendFrameHeader(hdrs, n, http2.FrameData, flags, st.id)
 		bufs = append(bufs, hdrs[len(hdrs)-9:])
@@ -986,13 +1034,38 @@ func (c *h2Conn) writeData(st *h2Stream, pieces [][]byte, end bool, deadline tim
 		}
 		// Write what the windows gave before waiting for more.
 		if total > 0 && c.windowShut(st) {
-			if err := c.writeStream(st, bufs); err != nil {
-				return err
+			w := bufs
+			if err = c.writeStream(st, w); err != nil {
+				break
 			}
-			bufs = bufs[:0]
+			taken = 0
+			clear(bufs)
+			bufs, hdrs = bufs[:0], hdrs[:0]
 		}
 	}
-	return c.writeStream(st, bufs)
+	if err == nil {
+		w := bufs
+		if err = c.writeStream(st, w); err == nil {
+			taken = 0
+		}
+	}
+	if taken > 0 {
+		// The stream ended before the frames went: the connection's window
+		// is not spent.
+		c.mu.Lock()
+		c.sendWin += int64(taken)
+		c.cond.Broadcast()
+		c.mu.Unlock()
+	}
+	// Kept for the next write: small, and holding no event's bytes.
+	clear(bufs)
+	if cap(bufs) <= 16 {
+		sc.bufs = bufs[:0]
+	} else {
+		sc.bufs = nil
+	}
+	sc.hdrs = hdrs[:0]
+	return err
 }
 
 // writeStream writes frames of st unless st has been reset: nothing may
@@ -1000,10 +1073,7 @@ func (c *h2Conn) writeData(st *h2Stream, pieces [][]byte, end bool, deadline tim
 func (c *h2Conn) writeStream(st *h2Stream, bufs net.Buffers) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	c.mu.Lock()
-	reset := st.reset
-	c.mu.Unlock()
-	if reset {
+	if st.isReset.Load() {
 		return errStreamReset
 	}
 	return c.writeLocked(bufs)

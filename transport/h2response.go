@@ -108,16 +108,6 @@ func (w *h2Response) SetReadDeadline(t time.Time) error {
 	return nil
 }
 
-func (w *h2Response) writeDeadline() time.Time {
-	if !w.deadline.IsZero() {
-		return w.deadline
-	}
-	if d := w.st.c.s.Opts.WriteTimeout; d > 0 {
-		return time.Now().Add(d)
-	}
-	return time.Time{}
-}
-
 // send sends the headers if they have not gone, and the buffered body,
 // ending the stream when end is set.
 func (w *h2Response) send(end bool) error {
@@ -146,7 +136,7 @@ func (w *h2Response) send(end bool) error {
 	if len(w.buf) == 0 && !end {
 		return nil
 	}
-	err := c.writeData(w.st, [][]byte{w.buf}, end, w.writeDeadline())
+	err := c.writeData(w.st, [][]byte{w.buf}, end, c.s.Opts.WriteTimeout, w.deadline, nil)
 	w.buf = w.buf[:0]
 	return err
 }
@@ -226,10 +216,11 @@ func (b *h2Body) Close() error {
 // detached from its handler: like Raw on HTTP/1.1, it needs no goroutine
 // while idle, and writes pack its frames into DATA frames with one write.
 type H2SSE struct {
-	st     *h2Stream
-	ndj    bool
-	opts   Options
-	pieces [][]byte
+	st      *h2Stream
+	ndj     bool
+	opts    Options
+	pieces  [][]byte
+	scratch h2Scratch
 }
 
 // DetachSSE starts an SSE stream (NDJSON when ndjson is set) on r, a
@@ -300,17 +291,10 @@ func (s *H2SSE) Format() Format {
 	return FormatSSE
 }
 
-func (s *H2SSE) deadline() time.Time {
-	if s.opts.WriteTimeout > 0 {
-		return time.Now().Add(s.opts.WriteTimeout)
-	}
-	return time.Time{}
-}
-
 // WriteEvents packs the frames into DATA frames and writes them at once.
 func (s *H2SSE) WriteEvents(frames [][]byte) error {
 	s.pieces = append(s.pieces[:0], frames...)
-	err := s.st.c.writeData(s.st, s.pieces, false, s.deadline())
+	err := s.st.c.writeData(s.st, s.pieces, false, s.opts.WriteTimeout, time.Time{}, &s.scratch)
 	clear(s.pieces)
 	if cap(s.pieces) > 16 {
 		s.pieces = nil
@@ -330,7 +314,10 @@ func (s *H2SSE) Keepalive() error {
 }
 
 func (s *H2SSE) write(b []byte) error {
-	return s.st.c.writeData(s.st, [][]byte{b}, false, s.deadline())
+	s.pieces = append(s.pieces[:0], b)
+	err := s.st.c.writeData(s.st, s.pieces, false, s.opts.WriteTimeout, time.Time{}, &s.scratch)
+	clear(s.pieces)
+	return err
 }
 
 // Close ends the stream: END_STREAM, unless the client has gone.
@@ -342,7 +329,7 @@ func (s *H2SSE) Close(r Reason) error {
 	c.mu.Unlock()
 	var err error
 	if !reset && r != ReasonGone {
-		err = c.writeData(s.st, nil, true, s.deadline())
+		err = c.writeData(s.st, nil, true, s.opts.WriteTimeout, time.Time{}, nil)
 	}
 	c.endStream(s.st, errors.New("http2: stream closed"))
 	return err
