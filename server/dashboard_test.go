@@ -55,6 +55,8 @@ func browser(t *testing.T) context.Context {
 		chromedp.Flag("disable-background-networking", true),
 		chromedp.Flag("disable-component-update", true),
 		chromedp.Flag("disable-sync", true),
+		// For the TLS fronts' certificates, made by the tests.
+		chromedp.Flag("ignore-certificate-errors", true),
 		chromedp.UserDataDir(t.TempDir()),
 		chromedp.WindowSize(1280, 800),
 	)
@@ -230,6 +232,36 @@ func TestDashboardShowsEvents(t *testing.T) {
 	}
 	if status := textOf(t, ctx, "#status"); !strings.Contains(status, "Live · WebSocket") {
 		t.Errorf("status %q, want live over WebSocket", status)
+	}
+}
+
+// TestBrowserEventSourceOverHTTP2: a browser reaching an https origin
+// speaks HTTP/2 to it, to agentstream's own HTTP/2 server: the page, a
+// ticket fetched with a POST, and an EventSource on the same connection
+// get the backfill and then live events, each once, in order.
+func TestBrowserEventSourceOverHTTP2(t *testing.T) {
+	ctx := browser(t)
+	e := newEnv(t)
+	base, _ := e.tlsFront()
+	want := e.postAgent("a1", batch(ev("a1", "step", map[string]any{"n": 1}), ev("a1", "step", map[string]any{"n": 2})))
+	do(t, ctx, chromedp.Navigate(base+"/"))
+	evalJS[string](t, ctx, fmt.Sprintf(`window.got = [];
+		fetch("/api/towns/t1/container/agents/a1/stream-ticket", {method: "POST", headers: {Authorization: "Bearer %s"}})
+			.then(r => r.json())
+			.then(v => { new EventSource(v.stream_path).onmessage = m => window.got.push(JSON.parse(m.data).id); });
+		"opening"`, e.viewer))
+	waitJS(t, ctx, "the backfill", fmt.Sprintf("window.got.length >= %d", len(want)))
+	waitUntil(t, "the stream to be open on HTTP/2", func() bool {
+		return e.metric(`agentstream_streams_open{proto="HTTP/2.0",transport="sse"}`) == 1
+	})
+	want = append(want, e.postAgent("a1", batch(ev("a1", "step", map[string]any{"n": 3})))...)
+	waitJS(t, ctx, "the live event", fmt.Sprintf("window.got.length >= %d", len(want)))
+	if got := evalJS[[]int64](t, ctx, "window.got"); !slices.Equal(got, want) {
+		t.Fatalf("the page got ids %v, want %v", got, want)
+	}
+	protos := evalJS[[]string](t, ctx, `performance.getEntries().map(e => e.nextHopProtocol).filter(Boolean)`)
+	if len(protos) == 0 || slices.ContainsFunc(protos, func(p string) bool { return p != "h2" }) {
+		t.Fatalf("the page's requests went over %v, want h2 only", protos)
 	}
 }
 
