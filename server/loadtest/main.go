@@ -132,6 +132,7 @@ func main() {
 		scenarios = append(scenarios,
 			scenario{"agentstream", "sse", sc.subs, sc.rate},
 			scenario{"agentstream", "ws", sc.subs, sc.rate},
+			scenario{"agentstream", "h2c", sc.subs, sc.rate},
 			scenario{"r3labs-naive", "sse", sc.subs, sc.rate})
 	}
 	fmt.Printf("%-13s %-4s %6s %5s %10s %6s %5s %9s %9s %12s %14s\n",
@@ -151,7 +152,7 @@ func main() {
 	}
 	if *idle > 0 {
 		for _, c := range []struct{ server, transport string }{
-			{"agentstream", "ws"}, {"agentstream", "sse"}, {"r3labs-naive", "sse"}} {
+			{"agentstream", "ws"}, {"agentstream", "sse"}, {"agentstream", "h2c"}, {"r3labs-naive", "sse"}} {
 			if *only != "" && !strings.Contains(c.server+"/"+c.transport+"/idle", *only) {
 				continue
 			}
@@ -491,6 +492,9 @@ func dial(s *server, transport string) (net.Conn, io.Reader, error) {
 // dialPath is dial for the stream at path.
 func dialPath(s *server, transport, path string) (net.Conn, io.Reader, error) {
 	addr := strings.TrimPrefix(s.base, "http://")
+	if transport == "h2c" {
+		return dialH2C(s, path)
+	}
 	if transport == "ws" {
 		d := ws.Dialer{Header: ws.HandshakeHeaderHTTP(http.Header{"Authorization": {"Bearer " + s.viewer}})}
 		conn, br, _, err := d.Dial(context.Background(), "ws://"+addr+path)
