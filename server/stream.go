@@ -252,11 +252,12 @@ type streamTarget struct {
 	compactThrough int64
 }
 
-// detachedStream serves a stream on a connection taken over from net/http
-// (a WebSocket, or SSE/NDJSON on HTTP/1.1). The handler returns after the
-// takeover: net/http's connection goroutine then ends, and with it its
-// grown stack and its buffers, which it would otherwise keep for the
-// stream's whole life. From then on the stream has no goroutine while it
+// detachedStream serves a stream taken from its handler: on a connection
+// taken over from net/http (a WebSocket, or SSE/NDJSON on HTTP/1.1), or on
+// an HTTP/2 stream of transport.H2. The handler returns after the
+// takeover: net/http's connection goroutine (or the HTTP/2 handler's) then
+// ends, and with it its grown stack and its buffers, which it would
+// otherwise keep for the stream's whole life. From then on the stream has no goroutine while it
 // is idle: the subscription's ready call starts one to write what came,
 // and the transport's Poller tells of the client's frames.
 // open takes the function to call when the client has gone. release is
@@ -293,8 +294,8 @@ func (s *Server) detachedStream(w http.ResponseWriter, r *http.Request, tg strea
 	}
 }
 
-// serveStream serves a stream on the handler's goroutine (HTTP/2, where
-// the connection is net/http's) until it ends.
+// serveStream serves a stream on the handler's goroutine (HTTP/2 served by
+// net/http's server, with --net-http2) until it ends.
 func (s *Server) serveStream(ctx context.Context, st transport.Stream, tg streamTarget, cursor int64) {
 	wake := make(chan struct{}, 1)
 	p := s.openStream(ctx, st, tg, cursor, wake, nil)

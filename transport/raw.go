@@ -15,7 +15,8 @@ import (
 // buffers, is gone. The client's close is heard through the Poller, or
 // else a goroutine waiting in a read.
 //
-// HTTP/2 streams share their connection and stay with net/http (SSE).
+// On HTTP/2, where streams share their connection, H2SSE is its
+// counterpart (SSE when net/http serves HTTP/2).
 type Raw struct {
 	conn  net.Conn
 	out   net.Conn // conn, or the socket under it, to write to (writerOf)

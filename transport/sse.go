@@ -5,7 +5,7 @@ import (
 )
 
 // SSE is a text/event-stream (or NDJSON) response that stays in net/http:
-// the transport for HTTP/2, where streams share a connection.
+// the transport for HTTP/2 when net/http's server serves it (--net-http2).
 type SSE struct {
 	w     http.ResponseWriter
 	rc    *http.ResponseController

@@ -1,6 +1,8 @@
 // Package transport is the wire side of agentstream's event streams: one
 // Stream interface that the stream handler writes to, and its SSE,
-// WebSocket (gobwas/ws) and NDJSON implementations.
+// WebSocket (gobwas/ws) and NDJSON implementations, over HTTP/1.1
+// connections taken from net/http and over HTTP/2 streams of H2,
+// agentstream's own HTTP/2 server side.
 //
 // It knows bytes and cursors, not events or SQL: the handler hands it
 // frames made by Encode, computed once per event and format and shared by
