@@ -606,10 +606,14 @@ func (c *h2Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		c.mu.Unlock()
 		return c.resetStream(id, http2.ErrCodeRefusedStream)
 	}
+	// Counted before GOAWAY can be sent (goAway takes c.mu), so that
+	// Shutdown's wait, which starts after every GOAWAY, sees it.
+	c.s.handlers.Add(1)
 	c.mu.Unlock()
 
 	req, err := c.newRequest(f)
 	if err != nil {
+		c.s.handlers.Done()
 		return c.resetStream(id, http2.ErrCodeProtocol)
 	}
 	ctx, cancel := context.WithCancel(c.ctx)
@@ -626,7 +630,6 @@ func (c *h2Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	}
 	req = req.WithContext(ctx)
 	w := &h2Response{st: st, header: http.Header{}, head: req.Method == http.MethodHead}
-	c.s.handlers.Add(1)
 	go c.runHandler(w, req)
 	return nil
 }
