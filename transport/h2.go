@@ -241,11 +241,16 @@ func (s *H2) serve(conn net.Conn, tlsState *tls.ConnectionState, sawPreface, det
 	if sc := socket(conn); sc != nil && detached {
 		if rc, err := sc.SyscallConn(); err == nil {
 			if w, err := s.Opts.Poller.Watch(conn, c.onReadable); err == nil {
-				c.rc, c.watch = rc, w
 				c.fr = newFramer(&c.feed)
+				// Under mu: Shutdown may close the connection meanwhile.
 				c.mu.Lock()
+				c.rc, c.watch = rc, w
+				closed := c.err != nil
 				err := c.rearm()
 				c.mu.Unlock()
+				if closed {
+					w.Stop()
+				}
 				if err != nil {
 					c.close(err)
 				}
@@ -803,9 +808,10 @@ func (c *h2Conn) close(err error) {
 		c.idle.Stop()
 	}
 	c.cond.Broadcast()
+	watch := c.watch
 	c.mu.Unlock()
-	if c.watch != nil {
-		c.watch.Stop()
+	if watch != nil {
+		watch.Stop()
 	}
 	c.conn.Close()
 	c.stop()
