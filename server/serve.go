@@ -333,22 +333,33 @@ func newHTTPServer(api *Server, log *slog.Logger, readHeader, idle time.Duration
 	return hs
 }
 
-// ServeTLS serves HTTPS with the server's TLSConfig; HTTP/2 is offered by
-// ALPN.
+// ServeTLS serves HTTPS with the server's TLSConfig (and the certificate
+// in certFile and keyFile, if given); HTTP/2 is offered by ALPN. With
+// agentstream's own HTTP/2 server, TLS is terminated by its listener, so
+// that HTTP/2 connections never pass through net/http (see
+// transport.H2.TLSListener).
 func (hs *httpServer) ServeTLS(ln net.Listener, certFile, keyFile string) error {
-	if hs.h2 != nil {
-		if hs.TLSConfig == nil {
-			hs.TLSConfig = &tls.Config{}
-		}
-		// With TLSNextProto set, net/http no longer adds the token itself.
-		if !slices.Contains(hs.TLSConfig.NextProtos, "h2") {
-			hs.TLSConfig.NextProtos = append([]string{"h2"}, hs.TLSConfig.NextProtos...)
-		}
-		if !slices.Contains(hs.TLSConfig.NextProtos, "http/1.1") {
-			hs.TLSConfig.NextProtos = append(hs.TLSConfig.NextProtos, "http/1.1")
-		}
+	if hs.h2 == nil {
+		return hs.Server.ServeTLS(ln, certFile, keyFile)
 	}
-	return hs.Server.ServeTLS(ln, certFile, keyFile)
+	cfg := &tls.Config{}
+	if hs.TLSConfig != nil {
+		cfg = hs.TLSConfig.Clone()
+	}
+	if certFile != "" || keyFile != "" {
+		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return err
+		}
+		cfg.Certificates = append(cfg.Certificates, cert)
+	}
+	if !slices.Contains(cfg.NextProtos, "h2") {
+		cfg.NextProtos = append([]string{"h2"}, cfg.NextProtos...)
+	}
+	if !slices.Contains(cfg.NextProtos, "http/1.1") {
+		cfg.NextProtos = append(cfg.NextProtos, "http/1.1")
+	}
+	return hs.Server.Serve(hs.h2.TLSListener(ln, cfg, hs.ReadHeaderTimeout))
 }
 
 // Shutdown stops both servers gracefully: no new connections or streams,

@@ -16,7 +16,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -76,7 +75,7 @@ func (s *H2) Install(srv *http.Server) {
 		// net/http closes the connection when this returns: the TLS
 		// connection is read on this goroutine for its whole life.
 		st := tc.ConnectionState()
-		s.serve(tc, &st, false, false)
+		s.serve(tc, &st, false, nil)
 	}
 	srv.TLSNextProto["unencrypted_http2"] = func(_ *http.Server, tc *tls.Conn, _ http.Handler) {
 		nc, ok := tc.NetConn().(interface{ UnencryptedNetConn() net.Conn })
@@ -89,10 +88,11 @@ func (s *H2) Install(srv *http.Server) {
 		// net/http is, and net/http's connection goroutine (with its
 		// buffers) ends at once; otherwise this goroutine serves it.
 		if d, ok := conn.(interface{ Detach() net.Conn }); ok && s.Opts.Poller != nil && socket(conn) != nil {
-			s.serve(d.Detach(), nil, true, true)
+			conn = d.Detach()
+			s.serve(conn, nil, true, &pollConn{Conn: conn})
 			return
 		}
-		s.serve(conn, nil, true, false)
+		s.serve(conn, nil, true, nil)
 	}
 }
 
@@ -173,12 +173,15 @@ type h2Conn struct {
 	closed    atomic.Bool // err is set: for the writers' check without mu
 	idle      *time.Timer
 
-	// Reading through the Poller: bytes of frames not yet whole.
-	watch *Watch
-	rc    syscall.RawConn
-	rbuf  []byte
-	feed  feedReader
-	fr    *http2.Framer
+	// Reading through the Poller: readNB reads without waiting
+	// (errWouldBlock when there is nothing), rbuf keeps bytes of frames not
+	// yet whole.
+	watch           *Watch
+	readNB          func([]byte) (int, error)
+	shortReadDrains bool // a read short of the buffer has emptied the socket
+	rbuf            []byte
+	feed            feedReader
+	fr              *http2.Framer
 }
 
 // h2Stream is one stream: a request, its body and its response.
@@ -202,10 +205,11 @@ type h2Stream struct {
 	bodyTimer *time.Timer
 }
 
-// serve runs the protocol on conn. A detached connection (owned here, not
-// by net/http) is read through the Poller and serve returns once it is set
-// up; otherwise serve reads it until it ends.
-func (s *H2) serve(conn net.Conn, tlsState *tls.ConnectionState, sawPreface, detached bool) {
+// serve runs the protocol on conn. A connection owned here (not by
+// net/http) comes with pc, the socket under it, and is read through the
+// Poller: serve returns once it is set up. Otherwise, or without a Poller,
+// serve reads it until it ends.
+func (s *H2) serve(conn net.Conn, tlsState *tls.ConnectionState, sawPreface bool, pc *pollConn) {
 	ctx, stop := context.WithCancel(context.Background())
 	c := &h2Conn{s: s, conn: conn, out: writerOf(conn), tls: tlsState, ctx: ctx, stop: stop,
 		streams: map[uint32]*h2Stream{}, sendWin: h2DefaultWindow, initWin: h2DefaultWindow, maxFrame: h2MaxFrame,
@@ -238,24 +242,33 @@ func (s *H2) serve(conn net.Conn, tlsState *tls.ConnectionState, sawPreface, det
 	}
 	c.armIdle()
 
-	if sc := socket(conn); sc != nil && detached {
-		if rc, err := sc.SyscallConn(); err == nil {
-			if w, err := s.Opts.Poller.Watch(conn, c.onReadable); err == nil {
-				c.fr = newFramer(&c.feed)
-				// Under mu: Shutdown may close the connection meanwhile.
-				c.mu.Lock()
-				c.rc, c.watch = rc, w
-				closed := c.err != nil
-				err := c.rearm()
-				c.mu.Unlock()
-				if closed {
-					w.Stop()
-				}
-				if err != nil {
-					c.close(err)
-				}
+	if pc != nil && s.Opts.Poller != nil {
+		if w, err := s.Opts.Poller.Watch(pc.Conn, c.onReadable); err == nil {
+			if err := pc.makeNonblocking(); err != nil {
+				w.Stop()
+				c.close(err)
 				return
 			}
+			c.fr = newFramer(&c.feed)
+			c.readNB, c.shortReadDrains = pc.Read, true
+			if tc, ok := conn.(*tls.Conn); ok {
+				// A TLS read returns a record at most: short reads say
+				// nothing of the socket.
+				c.readNB, c.shortReadDrains = tc.Read, false
+			}
+			// Under mu: Shutdown may close the connection meanwhile.
+			c.mu.Lock()
+			c.watch = w
+			closed := c.err != nil
+			err := c.rearm()
+			c.mu.Unlock()
+			if closed {
+				w.Stop()
+			}
+			if err != nil {
+				c.close(err)
+			}
+			return
 		}
 	}
 	c.readLoop()
@@ -273,35 +286,37 @@ func newFramer(r io.Reader) *http2.Framer {
 func (c *h2Conn) readLoop() {
 	fr := newFramer(c.conn)
 	for {
-		f, err := fr.ReadFrame()
-		if err == nil {
-			err = c.handle(f)
-		} else {
-			err = c.frameError(err)
-		}
-		if err != nil {
+		if err := c.frame(fr); err != nil {
 			c.fail(err)
 			return
 		}
 	}
 }
 
-// onReadable reads what the socket has, without waiting, handles every
+// frame reads one frame from fr and acts on it. A stream's error resets
+// the stream; any other error is the connection's end.
+func (c *h2Conn) frame(fr *http2.Framer) error {
+	f, err := fr.ReadFrame()
+	if err != nil {
+		return c.frameError(err)
+	}
+	return c.handle(f)
+}
+
+// onReadable reads what the connection has, without waiting, handles every
 // whole frame, keeps the rest, and arms the watch again.
 func (c *h2Conn) onReadable() {
 	buf := readBufs.Get().(*[]byte)
 	defer readBufs.Put(buf)
 	for {
-		var n int
-		var rerr error
-		err := c.rc.Read(func(fd uintptr) bool {
-			n, rerr = syscall.Read(int(fd), *buf)
-			return true // never park: EAGAIN ends this round
-		})
-		if err == nil {
-			err = rerr
+		n, err := c.readNB(*buf)
+		if n > 0 {
+			if ferr := c.consume((*buf)[:n]); ferr != nil {
+				c.fail(ferr)
+				return
+			}
 		}
-		if errors.Is(err, syscall.EAGAIN) {
+		if err == errWouldBlock {
 			break
 		}
 		if err != nil || n == 0 {
@@ -311,39 +326,10 @@ func (c *h2Conn) onReadable() {
 			c.close(err)
 			return
 		}
-		drained := n < len(*buf) // most likely: then the next read would find nothing
-		data := (*buf)[:n]
-		if len(c.rbuf) > 0 {
-			c.rbuf = append(c.rbuf, data...)
-			data = c.rbuf
-		}
-		whole, err := wholeFrames(data)
-		if err != nil {
-			c.fail(err)
-			return
-		}
-		c.feed.b = data[:whole]
-		for len(c.feed.b) > 0 {
-			f, err := c.fr.ReadFrame()
-			if err == nil {
-				err = c.handle(f)
-			} else {
-				err = c.frameError(err)
-			}
-			if err != nil {
-				c.fail(err)
-				return
-			}
-		}
-		// An idle connection keeps no buffer: the tail of a frame, if
-		// any, in a slice of its own size.
-		c.rbuf = append([]byte(nil), data[whole:]...)
-		if len(c.rbuf) == 0 {
-			c.rbuf = nil
-		}
-		if drained {
-			// Bytes that came since are reported by the watch at once:
-			// it is level-triggered. That saves a read per wake-up.
+		if c.shortReadDrains && n < len(*buf) {
+			// Most likely the socket has nothing more: bytes that came
+			// since are reported by the watch at once, as it is
+			// level-triggered. That saves a read per wake-up.
 			break
 		}
 	}
@@ -353,6 +339,32 @@ func (c *h2Conn) onReadable() {
 	if err != nil && !errors.Is(err, errStopped) {
 		c.close(err)
 	}
+}
+
+// consume handles the whole frames of what was read, after the tail kept
+// from the read before, and keeps the tail of this one.
+func (c *h2Conn) consume(data []byte) error {
+	if len(c.rbuf) > 0 {
+		c.rbuf = append(c.rbuf, data...)
+		data = c.rbuf
+	}
+	whole, err := wholeFrames(data)
+	if err != nil {
+		return err
+	}
+	c.feed.b = data[:whole]
+	for len(c.feed.b) > 0 {
+		if err := c.frame(c.fr); err != nil {
+			return err
+		}
+	}
+	// An idle connection keeps no buffer: the tail of a frame, if any, in
+	// a slice of its own size.
+	c.rbuf = append([]byte(nil), data[whole:]...)
+	if len(c.rbuf) == 0 {
+		c.rbuf = nil
+	}
+	return nil
 }
 
 // rearm arms the read watch unless the connection is closed; c.mu held.

@@ -4,10 +4,17 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"errors"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -30,9 +37,17 @@ type h2Env struct {
 	streams chan *H2SSE
 	gone    chan string // the path of a detached stream whose client left
 	h2      *H2
+	pool    *x509.CertPool // with TLS: trusts the server's certificate
+	ln      net.Listener   // what the http.Server serves
 }
 
 func newH2Env(t *testing.T, writeTimeout time.Duration) *h2Env {
+	return newH2EnvTLS(t, writeTimeout, false)
+}
+
+// newH2EnvTLS is newH2Env, over TLS (terminated by H2.TLSListener) when
+// withTLS is set.
+func newH2EnvTLS(t *testing.T, writeTimeout time.Duration, withTLS bool) *h2Env {
 	t.Helper()
 	poller, err := NewPoller()
 	if err != nil {
@@ -70,6 +85,9 @@ func newH2Env(t *testing.T, writeTimeout time.Duration) *h2Env {
 		http.NewResponseController(w).Flush()
 		<-r.Context().Done() // until the client resets the stream
 	})
+	mux.HandleFunc("GET /whoami", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "%s tls=%t", r.Proto, r.TLS != nil)
+	})
 	mux.HandleFunc("GET /empty", func(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusNoContent)
 	})
@@ -97,7 +115,13 @@ func newH2Env(t *testing.T, writeTimeout time.Duration) *h2Env {
 		t.Fatal(err)
 	}
 	e.addr = ln.Addr().String()
-	go srv.Serve(NewLimitListener(ln, 1000, nil))
+	e.ln = NewLimitListener(ln, 1000, nil)
+	if withTLS {
+		cert, pool := testCert(t)
+		e.pool = pool
+		e.ln = e.h2.TLSListener(e.ln, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"h2", "http/1.1"}}, 2*time.Second)
+	}
+	go srv.Serve(e.ln)
 	t.Cleanup(func() {
 		srv.Close()
 		e.h2.Close()
@@ -105,26 +129,32 @@ func newH2Env(t *testing.T, writeTimeout time.Duration) *h2Env {
 	return e
 }
 
-// client is Go's own HTTP/2 client, cleartext with prior knowledge: one
-// connection for every request.
+// client is Go's own HTTP/2 client, cleartext with prior knowledge (or
+// over TLS): one connection for every request.
 func (e *h2Env) client() *http.Client {
 	p := new(http.Protocols)
-	p.SetUnencryptedHTTP2(true)
-	tr := &http.Transport{Protocols: p}
+	if e.pool != nil {
+		p.SetHTTP2(true)
+	} else {
+		p.SetUnencryptedHTTP2(true)
+	}
+	tr := &http.Transport{Protocols: p, TLSClientConfig: &tls.Config{RootCAs: e.pool}}
 	e.t.Cleanup(tr.CloseIdleConnections)
 	return &http.Client{Transport: tr} // no Timeout: it would cut streams
 }
 
-func (e *h2Env) url(path string) string { return "http://" + e.addr + path }
+func (e *h2Env) url(path string) string {
+	if e.pool != nil {
+		return "https://" + e.addr + path
+	}
+	return "http://" + e.addr + path
+}
 
-// TestH2Requests: ordinary requests over agentstream's HTTP/2 server, as a
-// browser makes them beside its streams: bodies past the flow-control
-// windows both ways, concurrent streams on one connection, HEAD, 204, a
-// handler that aborts, and a body read under a deadline.
-func TestH2Requests(t *testing.T) {
-	e := newH2Env(t, 5*time.Second)
-	c := e.client()
-
+// bodiesPastWindows downloads /big and uploads n bodies at once to /echo,
+// each past both flow-control windows, and checks what came back.
+func (e *h2Env) bodiesPastWindows(c *http.Client, n int) {
+	t := e.t
+	t.Helper()
 	resp, err := c.Get(e.url("/big"))
 	if err != nil {
 		t.Fatal(err)
@@ -134,10 +164,8 @@ func TestH2Requests(t *testing.T) {
 	if err != nil || resp.ProtoMajor != 2 || len(body) != 100000 || !strings.HasSuffix(string(body), fmt.Sprintf("%099d\n", 999)) {
 		t.Fatalf("GET /big: %v, %s, %d bytes", err, resp.Proto, len(body))
 	}
-
-	// Uploads past both receive windows, eight at once on the connection.
 	var wg sync.WaitGroup
-	for i := range 8 {
+	for i := range n {
 		wg.Go(func() {
 			data := bytes.Repeat([]byte{byte('a' + i)}, 3<<20+i)
 			resp, err := c.Post(e.url("/echo"), "application/octet-stream", bytes.NewReader(data))
@@ -153,8 +181,43 @@ func TestH2Requests(t *testing.T) {
 		})
 	}
 	wg.Wait()
+}
 
-	resp, err = c.Head(e.url("/big"))
+// testCert makes a certificate for 127.0.0.1, and a pool that trusts it.
+func testCert(t *testing.T) (tls.Certificate, *x509.CertPool) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "127.0.0.1"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")},
+		KeyUsage:    x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: cert}, pool
+}
+
+// TestH2Requests: ordinary requests over agentstream's HTTP/2 server, as a
+// browser makes them beside its streams: bodies past the flow-control
+// windows both ways, concurrent streams on one connection, HEAD, 204, a
+// handler that aborts, and a body read under a deadline.
+func TestH2Requests(t *testing.T) {
+	e := newH2Env(t, 5*time.Second)
+	c := e.client()
+
+	// Uploads past both receive windows, eight at once on the connection.
+	e.bodiesPastWindows(c, 8)
+
+	resp, err := c.Head(e.url("/big"))
 	if err != nil || resp.StatusCode != 200 {
 		t.Fatalf("HEAD: %v %v", resp, err)
 	}
@@ -264,13 +327,14 @@ func TestH2DetachedStreams(t *testing.T) {
 }
 
 // serverGoroutines counts the goroutines running H2's code: connection
-// readers, handlers, and writers waiting for a window.
+// readers, TLS handshakes, handlers, and writers waiting for a window.
 func serverGoroutines() int {
 	var b bytes.Buffer
 	pprof.Lookup("goroutine").WriteTo(&b, 2)
 	n := 0
 	for _, g := range strings.Split(b.String(), "\n\n") {
-		if strings.Contains(g, "transport.(*h2Conn)") || strings.Contains(g, "transport.(*H2SSE)") {
+		if strings.Contains(g, "transport.(*h2Conn)") || strings.Contains(g, "transport.(*H2SSE)") ||
+			strings.Contains(g, "transport.(*tlsListener).handshake") {
 			n++
 		}
 	}
@@ -479,5 +543,108 @@ func TestH2Shutdown(t *testing.T) {
 		if _, err := c.fr.ReadFrame(); err != nil {
 			break
 		}
+	}
+}
+
+// TestH2OverTLS: with TLS terminated by H2.TLSListener, HTTP/2 and
+// HTTP/1.1 clients share the port; bodies past the windows cross TLS
+// records read without waiting; idle streams hold no goroutine, handshake
+// included; a client that never finishes its handshake holds up no one,
+// and one that speaks no TLS is closed.
+func TestH2OverTLS(t *testing.T) {
+	e := newH2EnvTLS(t, 5*time.Second, true)
+	c := e.client()
+	whoami := func(c *http.Client, want string) {
+		t.Helper()
+		resp, err := c.Get(e.url("/whoami"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if string(b) != want {
+			t.Fatalf("GET /whoami: %q, want %q", b, want)
+		}
+	}
+
+	// A client that connects and says nothing holds a handshake goroutine
+	// until its timeout; others are served meanwhile.
+	quiet, err := net.Dial("tcp", e.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer quiet.Close()
+	whoami(c, "HTTP/2.0 tls=true")
+	p1 := new(http.Protocols)
+	p1.SetHTTP1(true)
+	h1 := &http.Transport{Protocols: p1, TLSClientConfig: &tls.Config{RootCAs: e.pool}}
+	defer h1.CloseIdleConnections()
+	whoami(&http.Client{Transport: h1}, "HTTP/1.1 tls=true")
+
+	// Uploads and a download past the flow-control windows.
+	e.bodiesPastWindows(c, 4)
+
+	// Streams, a connection each, idle without a goroutine.
+	const n = 10
+	var bodies []*bufio.Reader
+	var cancels []context.CancelFunc
+	for i := range n {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		req, _ := http.NewRequestWithContext(ctx, "GET", e.url(fmt.Sprintf("/sse?i=%d", i)), nil)
+		resp, err := e.client().Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		bodies = append(bodies, bufio.NewReader(resp.Body))
+		cancels = append(cancels, cancel)
+	}
+	var streams []*H2SSE
+	for range n {
+		streams = append(streams, <-e.streams)
+	}
+	// The quiet client is dropped at the handshake timeout.
+	quiet.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := quiet.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("a client silent past the handshake timeout: %v, want EOF", err)
+	}
+	waitFor(t, "idle TLS streams to hold no server goroutine", func() bool {
+		return serverGoroutines() == 0
+	})
+	for i, st := range streams {
+		if err := st.WriteEvents([][]byte{Encode(FormatSSE, int64(i), []byte(`{"a":1}`))}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, r := range bodies {
+		want := fmt.Sprintf("retry: 2000\n\nid: %d\ndata: {\"a\":1}\n\n", i)
+		got := make([]byte, len(want))
+		if _, err := io.ReadFull(r, got); err != nil || string(got) != want {
+			t.Fatalf("stream %d read %q, %v", i, got, err)
+		}
+	}
+	cancels[0]()
+	if p := <-e.gone; p != "/sse?i=0" {
+		t.Fatalf("gone: %s, want /sse?i=0", p)
+	}
+
+	// Plain HTTP on the TLS port: the handshake fails, the connection
+	// closes.
+	plain, err := net.Dial("tcp", e.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer plain.Close()
+	io.WriteString(plain, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+	plain.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.Copy(io.Discard, plain); err != nil {
+		t.Fatalf("plain HTTP on the TLS port: %v, want the connection closed", err)
+	}
+
+	// Closed, the listener accepts no more.
+	e.ln.Close()
+	if _, err := e.ln.Accept(); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("Accept after Close: %v", err)
 	}
 }

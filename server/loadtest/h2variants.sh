@@ -5,7 +5,8 @@
 # each on agentstream's own HTTP/2 server and on net/http's (--net-http2).
 # Run from the project's root; prints streambench's lines to $OUT and a
 # summary of medians.
-# Env: BIN (default: built here), REPS (3), SUBS (5000), EVENTS (200), RATE (10), OUT.
+# Env: BIN (default: built here), REPS (3), SUBS (5000), EVENTS (200), RATE (10), OUT,
+# VARIANTS (a space-separated subset of the variants below).
 set -u
 out=${OUT:-${TMPDIR:-/tmp}/h2variants.txt}; work=$(mktemp -d)
 bin=${BIN:-}
@@ -26,7 +27,7 @@ vt=$(jwt '{"town":"bench","scope":"viewer"}')
 at=$(jwt '{"sub":"bench-agent","rig":"r","town":"bench","scope":"agent"}')
 : > "$out"
 for rep in $(seq 1 "${REPS:-3}"); do
-  for v in sse-h1 h2c-own-1 h2c-own-50 h2c-net-1 h2c-net-50 h2tls-own-1 h2tls-net-1; do
+  for v in ${VARIANTS:-sse-h1 h2c-own-1 h2c-own-50 h2c-net-1 h2c-net-50 h2tls-own-1 h2tls-net-1}; do
     IFS=- read -r proto server per <<<"$v"
     data=$(mktemp -d); port=18097; extra=(); scheme=http; sproto=$proto
     [ "$proto" = sse ] && sproto=h1
