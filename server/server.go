@@ -38,6 +38,7 @@ type Server struct {
 	rate       *rateLimiter
 	noDelivery bool         // Options.NoDeliveryHistogram
 	netHTTP2   bool         // Options.NetHTTP2
+	reaper     reaper       // ends detached streams' lingering goroutines
 	lastProbe  atomic.Int64 // UnixNano of readyz's last write probe
 
 	drain    context.Context // cancelled by Drain: every stream ends

@@ -330,11 +330,12 @@ type pump struct {
 	// How the next step is started: a send on wake to the handler that
 	// waits for it, or, when wake is nil, a goroutine started by notify
 	// (which then lingers a while for the next notify, on kick).
-	wake     chan struct{}
-	pending  atomic.Int32  // notifies since the running goroutine last looked; >0 while one runs
-	kick     chan struct{} // capacity 1: wakes a lingering goroutine
-	linger   *time.Timer   // made by the first goroutine; only the running one uses it
-	onFinish func()        // for a detached stream, after finish
+	wake        chan struct{}
+	pending     atomic.Int32  // notifies since the running goroutine last looked; >0 while one runs
+	kick        chan struct{} // capacity 1: wakes a lingering goroutine
+	lingerSince atomic.Int64  // the reaper's epoch when the goroutine began to linger; 0 while it does not
+	reaped      atomic.Bool   // the reaper's kick: lingered long enough
+	onFinish    func()        // for a detached stream, after finish
 
 	keepalive *time.Timer
 	kaDue     atomic.Bool
@@ -382,6 +383,9 @@ func (s *Server) openStream(ctx context.Context, st transport.Stream, tg streamT
 	}
 	p.sub = sub
 	p.open.Inc()
+	if wake == nil {
+		s.reaper.add(p)
+	}
 	p.lastWrite = time.Now()
 	if k := s.streamOpts.Keepalive; k > 0 {
 		p.keepalive = time.AfterFunc(k, func() {
@@ -391,14 +395,6 @@ func (s *Server) openStream(ctx context.Context, st transport.Stream, tg streamT
 	}
 	return p
 }
-
-// lingerFor is how long a detached stream's goroutine waits for more
-// after it has written everything, before it exits. A stream whose agent
-// is busy keeps one goroutine, with the stack it grew writing, instead of
-// starting a fresh one per event and growing its stack again (that copy
-// was a fifth of the server's CPU at 10 events/s to 5000 clients); a quiet
-// stream holds none.
-const lingerFor = 500 * time.Millisecond
 
 // notify starts a step: the subscription has something, a keepalive is
 // due, or the stream is ending. It never blocks.
@@ -442,21 +438,14 @@ func (p *pump) run() {
 	}
 }
 
-// idle waits up to lingerFor for a notify; it reports whether none came.
-// (A kick left over from an earlier notify only costs one empty step.)
+// idle waits up to lingerFor for a notify, or a little more (the reaper
+// ends the wait); it reports whether none came. (A kick left over from an
+// earlier notify only costs one empty step.)
 func (p *pump) idle() bool {
-	if p.linger == nil {
-		p.linger = time.NewTimer(lingerFor)
-	} else {
-		p.linger.Reset(lingerFor)
-	}
-	select {
-	case <-p.kick:
-		p.linger.Stop()
-		return false
-	case <-p.linger.C:
-		return true
-	}
+	p.lingerSince.Store(p.s.reaper.epoch.Load())
+	<-p.kick
+	p.lingerSince.Store(0)
+	return p.reaped.Swap(false)
 }
 
 // step writes everything the subscription has ready, and a keepalive if
@@ -614,6 +603,9 @@ func (p *pump) finish() {
 	}
 	p.sub.Close()
 	p.open.Dec()
+	if p.wake == nil {
+		p.s.reaper.remove(p)
+	}
 	p.logEnd()
 	if p.onFinish != nil {
 		p.onFinish()
