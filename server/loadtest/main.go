@@ -135,8 +135,8 @@ func main() {
 			scenario{"agentstream", "h2c", sc.subs, sc.rate},
 			scenario{"r3labs-naive", "sse", sc.subs, sc.rate})
 	}
-	fmt.Printf("%-13s %-4s %6s %5s %10s %6s %5s %9s %9s %12s %14s\n",
-		"server", "tr", "subs", "ev/s", "delivered", "lost", "dup", "p50", "p99", "cpu-s/1M", "deliveries/cpu-s")
+	fmt.Printf("%-13s %-4s %6s %5s %10s %6s %5s %9s %9s %12s %14s %15s\n",
+		"server", "tr", "subs", "ev/s", "delivered", "lost", "dup", "p50", "p99", "cpu-s/1M", "deliveries/cpu-s", "client cpu-s/1M")
 	for _, sc := range scenarios {
 		name := fmt.Sprintf("%s/%s/%dx%d", sc.server, sc.transport, sc.subs, sc.rate)
 		if *only != "" && !strings.Contains(name, *only) {
@@ -145,10 +145,10 @@ func main() {
 		srv := start(sc.server, *bin)
 		r := run(srv, sc.transport, sc.subs, sc.rate, *duration)
 		srv.stop()
-		fmt.Printf("%-13s %-4s %6d %5d %10d %6d %5d %9s %9s %12.2f %14.0f\n",
+		fmt.Printf("%-13s %-4s %6d %5d %10d %6d %5d %9s %9s %12.2f %14.0f %15.2f\n",
 			sc.server, sc.transport, sc.subs, sc.rate, r.delivered, r.lost, r.dup,
 			r.p50.Round(10*time.Microsecond), r.p99.Round(10*time.Microsecond),
-			r.cpu/float64(r.delivered)*1e6, float64(r.delivered)/r.cpu)
+			r.cpu/float64(r.delivered)*1e6, float64(r.delivered)/r.cpu, r.clientCPU/float64(r.delivered)*1e6)
 	}
 	if *idle > 0 {
 		for _, c := range []struct{ server, transport string }{
@@ -241,6 +241,14 @@ func (s *server) cpu() float64 {
 	return (ut + st) / 100 // clock ticks; 100 per second on Linux
 }
 
+// selfCPU is the CPU time this process has used, in seconds: on the same
+// cores as the server, what the clients cost shows in its latencies.
+func selfCPU() float64 {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
+}
+
 // rss is the server's resident memory in bytes.
 func (s *server) rss() float64 {
 	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", s.cmd.Process.Pid))
@@ -300,6 +308,7 @@ type result struct {
 	delivered, lost, dup int
 	p50, p99             time.Duration
 	cpu                  float64
+	clientCPU            float64 // this process's: subscribers and publisher
 }
 
 // subscriber counts what one client receives.
@@ -353,12 +362,14 @@ func runOn(s *server, subsOn []*server, transport string, n, rate int, d time.Du
 		}
 		return c
 	}
-	cpu0 := cpuOf()
+	cpu0, self0 := cpuOf(), selfCPU()
 	publishAll(total, rate, func(seq int) error { return s.publish(pub, seq) })
 	waitQuiet(a.subs)
-	cpu := cpuOf() - cpu0
+	cpu, self := cpuOf()-cpu0, selfCPU()-self0
 	a.close()
-	return tally(a.subs, total, cpu, func(int, int) bool { return true })
+	r := tally(a.subs, total, cpu, func(int, int) bool { return true })
+	r.clientCPU = self
+	return r
 }
 
 // audience is the subscribers of a scenario, each reading its stream until
