@@ -210,19 +210,7 @@ type h2Stream struct {
 // Poller: serve returns once it is set up. Otherwise, or without a Poller,
 // serve reads it until it ends.
 func (s *H2) serve(conn net.Conn, tlsState *tls.ConnectionState, sawPreface bool, pc *pollConn) {
-	ctx, stop := context.WithCancel(context.Background())
-	c := &h2Conn{s: s, conn: conn, out: writerOf(conn), tls: tlsState, ctx: ctx, stop: stop,
-		streams: map[uint32]*h2Stream{}, sendWin: h2DefaultWindow, initWin: h2DefaultWindow, maxFrame: h2MaxFrame,
-		dl: writeDeadline{timeout: s.Opts.WriteTimeout, set: conn.SetWriteDeadline}}
-	c.cond = sync.NewCond(&c.mu)
-	c.enc = hpack.NewEncoder(&c.hbuf)
-	s.mu.Lock()
-	if s.conns == nil {
-		s.conns = map[*h2Conn]struct{}{}
-	}
-	s.conns[c] = struct{}{}
-	draining := s.draining
-	s.mu.Unlock()
+	c, draining := s.newConn(conn, tlsState)
 
 	if !sawPreface {
 		conn.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -272,6 +260,24 @@ func (s *H2) serve(conn net.Conn, tlsState *tls.ConnectionState, sawPreface bool
 		}
 	}
 	c.readLoop()
+}
+
+// newConn registers a connection on conn, its frames not yet read, and
+// reports whether the server is draining.
+func (s *H2) newConn(conn net.Conn, tlsState *tls.ConnectionState) (*h2Conn, bool) {
+	ctx, stop := context.WithCancel(context.Background())
+	c := &h2Conn{s: s, conn: conn, out: writerOf(conn), tls: tlsState, ctx: ctx, stop: stop,
+		streams: map[uint32]*h2Stream{}, sendWin: h2DefaultWindow, initWin: h2DefaultWindow, maxFrame: h2MaxFrame,
+		dl: writeDeadline{timeout: s.Opts.WriteTimeout, set: conn.SetWriteDeadline}}
+	c.cond = sync.NewCond(&c.mu)
+	c.enc = hpack.NewEncoder(&c.hbuf)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.conns == nil {
+		s.conns = map[*h2Conn]struct{}{}
+	}
+	s.conns[c] = struct{}{}
+	return c, s.draining
 }
 
 func newFramer(r io.Reader) *http2.Framer {
