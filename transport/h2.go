@@ -28,9 +28,9 @@ import (
 // a frame reader and each handler) and a 4 KiB buffer per response for
 // as long as the stream lives: about 50 KiB for an idle stream. Here an
 // event stream is detached from its handler (DetachSSE) as a hijacked
-// HTTP/1.1 one is, a cleartext connection is read through the Poller
-// rather than by a goroutine parked in Read, and an idle connection holds
-// no goroutine and no write buffer.
+// HTTP/1.1 one is, a connection is read through the Poller rather than
+// by a goroutine parked in Read, and an idle connection holds no goroutine
+// and no write buffer.
 //
 // Every other request on the connection (the dashboard's files, tickets,
 // posts) runs its handler on a goroutine of its own, with a
@@ -40,7 +40,8 @@ import (
 // priorities (ignored, as RFC 9113 allows), and the HTTP/1.1 Upgrade to
 // h2c (prior knowledge only, as net/http).
 //
-// Install it with Install on an http.Server; Shutdown stops it.
+// Install it with Install on an http.Server (and, over TLS, serve that
+// server on TLSListener); Shutdown stops it.
 type H2 struct {
 	Handler     http.Handler
 	Opts        Options       // WriteTimeout bounds every write; Poller reads idle cleartext connections
@@ -67,6 +68,9 @@ const (
 // Install makes srv hand every HTTP/2 connection, over TLS by ALPN and in
 // cleartext with prior knowledge, to s. srv must have HTTP/2 in its
 // Protocols (for the ALPN token); its own HTTP/2 server is then not used.
+// Over TLS, serving srv on s.TLSListener is better than srv's ServeTLS:
+// net/http keeps a goroutine per connection handed over, which TLSListener
+// does not.
 func (s *H2) Install(srv *http.Server) {
 	if srv.TLSNextProto == nil {
 		srv.TLSNextProto = map[string]func(*http.Server, *tls.Conn, http.Handler){}
