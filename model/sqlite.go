@@ -10,13 +10,15 @@ import (
 	"os"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	"github.com/uptrace/bun"
 	"github.com/uptrace/bun/dialect/sqlitedialect"
 
 	// modernc.org/sqlite is SQLite compiled to pure Go: the binary needs no
 	// cgo and no system library, so `go run .` works on a bare machine.
-	_ "modernc.org/sqlite"
+	"modernc.org/sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
 )
 
 // sqliteDialect is the embedded default: one file, one writer.
@@ -77,9 +79,8 @@ func openSQLite(ctx context.Context, path string) (*bun.DB, dialect, error) {
 	}
 	f.Close()
 	q := url.Values{}
-	q.Add("_pragma", "journal_mode(WAL)")
-	q.Add("_pragma", "synchronous(FULL)")
 	q.Add("_pragma", "busy_timeout(10000)")
+	q.Add("_pragma", "synchronous(FULL)")
 	// BEGIN IMMEDIATE takes the write lock up front, so two writers (another
 	// process on the same file) wait for each other instead of failing on a
 	// lock upgrade.
@@ -91,9 +92,44 @@ func openSQLite(ctx context.Context, path string) (*bun.DB, dialect, error) {
 	sqldb.SetMaxOpenConns(8)
 	sqldb.SetMaxIdleConns(8)
 	db := bun.NewDB(sqldb, sqlitedialect.New())
-	if err := db.PingContext(ctx); err != nil {
+	if err := walMode(ctx, db); err != nil {
 		db.Close()
 		return nil, nil, fmt.Errorf("open %s: %w", path, err)
 	}
 	return db, sqliteDialect{path: path}, nil
+}
+
+// walMode puts the database in WAL mode, which the file keeps. Switching
+// a new file takes a lock that SQLite does not wait for (the busy timeout
+// does not apply): another instance opening the same new file at the same
+// moment fails it with SQLITE_BUSY. So it is retried, for as long as the
+// busy timeout would have waited.
+func walMode(ctx context.Context, db *bun.DB) error {
+	deadline := time.Now().Add(10 * time.Second)
+	wait := time.Millisecond
+	for {
+		var mode string
+		err := db.QueryRowContext(ctx, "PRAGMA journal_mode=WAL").Scan(&mode)
+		switch {
+		case err == nil && mode == "wal":
+			return nil
+		case err == nil:
+			return fmt.Errorf("journal mode %q, want wal", mode)
+		case !isBusy(err) || time.Now().After(deadline):
+			return err
+		}
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		wait = min(2*wait, 100*time.Millisecond)
+	}
+}
+
+// isBusy reports whether err is SQLite's SQLITE_BUSY (or one of its
+// extended codes).
+func isBusy(err error) bool {
+	var se *sqlite.Error
+	return errors.As(err, &se) && se.Code()&0xff == sqlite3.SQLITE_BUSY
 }
