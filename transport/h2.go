@@ -965,6 +965,22 @@ func (c *h2Conn) writeHeaders(st *h2Stream, status int, h http.Header, end bool)
 // windows. It fails when the stream or connection ends, or at the
 // deadline: *at, set to timeout from now at the first wait if zero.
 func (c *h2Conn) takeWindow(st *h2Stream, want int, timeout time.Duration, at *time.Time) (int, error) {
+	// Most writes find both windows open: no deferred calls for them.
+	c.mu.Lock()
+	if c.err == nil && !st.reset {
+		if n := min(int64(want), c.sendWin, st.sendWin, int64(c.maxFrame)); n > 0 {
+			c.sendWin -= n
+			st.sendWin -= n
+			c.mu.Unlock()
+			return int(n), nil
+		}
+	}
+	c.mu.Unlock()
+	return c.waitWindow(st, want, timeout, at)
+}
+
+// waitWindow is takeWindow's wait, for when a window is shut.
+func (c *h2Conn) waitWindow(st *h2Stream, want int, timeout time.Duration, at *time.Time) (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	var timer *time.Timer
