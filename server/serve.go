@@ -346,12 +346,15 @@ func (hs *httpServer) ServeTLS(ln net.Listener, certFile, keyFile string) error 
 	if hs.TLSConfig != nil {
 		cfg = hs.TLSConfig.Clone()
 	}
-	if certFile != "" || keyFile != "" {
+	// As net/http's ServeTLS: the files, when given or when the config
+	// has no certificate of its own, are the certificate.
+	hasCert := len(cfg.Certificates) > 0 || cfg.GetCertificate != nil || cfg.GetConfigForClient != nil
+	if !hasCert || certFile != "" || keyFile != "" {
 		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
 		if err != nil {
 			return err
 		}
-		cfg.Certificates = append(cfg.Certificates, cert)
+		cfg.Certificates = []tls.Certificate{cert}
 	}
 	if !slices.Contains(cfg.NextProtos, "h2") {
 		cfg.NextProtos = append([]string{"h2"}, cfg.NextProtos...)

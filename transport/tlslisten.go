@@ -63,8 +63,8 @@ func (l *tlsListener) Accept() (net.Conn, error) {
 	}
 }
 
-// Close stops accepting; handshakes under way end by themselves, and
-// close their connections unless they chose h2.
+// Close stops accepting. Handshakes under way end by themselves and close
+// their connections, whatever protocol they chose.
 func (l *tlsListener) Close() error {
 	err := net.ErrClosed
 	l.once.Do(func() {
