@@ -326,7 +326,7 @@ func (c *h2Conn) onReadable() {
 				return
 			}
 		}
-		if err == errWouldBlock {
+		if errors.Is(err, errWouldBlock) {
 			break
 		}
 		if err != nil || n == 0 {
