@@ -153,8 +153,6 @@ type h2Conn struct {
 	conn net.Conn
 	out  net.Conn // where writes go (writerOf)
 	tls  *tls.ConnectionState
-	ctx  context.Context // ends when the connection closes
-	stop context.CancelFunc
 
 	// wmu orders whole frames (and HPACK state) on the wire.
 	wmu  sync.Mutex
@@ -193,13 +191,13 @@ type h2Stream struct {
 	c       *h2Conn
 	id      uint32
 	sendWin int64
-	cancel  context.CancelFunc
 
 	// Under c.mu.
-	body      []byte // request body bytes not yet read
-	bodyEnd   bool   // END_STREAM came
-	bodyErr   error  // the body cannot be read further (reset, deadline)
-	recvAvail int64  // what the client may still send before a WINDOW_UPDATE
+	cancel    context.CancelFunc // ends the request's context; nil once called
+	body      []byte             // request body bytes not yet read
+	bodyEnd   bool               // END_STREAM came
+	bodyErr   error              // the body cannot be read further (reset, deadline)
+	recvAvail int64              // what the client may still send before a WINDOW_UPDATE
 	recvUnack int
 	reset     bool        // RST_STREAM either way: nothing more is written
 	isReset   atomic.Bool // reset, for the writer's check without c.mu
@@ -269,12 +267,15 @@ func (s *H2) serve(conn net.Conn, tlsState *tls.ConnectionState, sawPreface bool
 // newConn registers a connection on conn, its frames not yet read, and
 // reports whether the server is draining.
 func (s *H2) newConn(conn net.Conn, tlsState *tls.ConnectionState) (*h2Conn, bool) {
-	ctx, stop := context.WithCancel(context.Background())
-	c := &h2Conn{s: s, conn: conn, out: writerOf(conn), tls: tlsState, ctx: ctx, stop: stop,
+	c := &h2Conn{s: s, conn: conn, out: writerOf(conn), tls: tlsState,
 		streams: map[uint32]*h2Stream{}, sendWin: h2DefaultWindow, initWin: h2DefaultWindow, maxFrame: h2MaxFrame,
 		dl: writeDeadline{timeout: s.Opts.WriteTimeout, set: conn.SetWriteDeadline}}
 	c.cond = sync.NewCond(&c.mu)
 	c.enc = hpack.NewEncoder(&c.hbuf)
+	// No dynamic table for the headers sent (the client's SETTINGS may
+	// lower the limit, never raise the size): a response's few fields are
+	// not worth the table's memory on every connection.
+	c.enc.SetMaxDynamicTableSizeLimit(0)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.conns == nil {
@@ -294,9 +295,9 @@ func newFramer(r io.Reader) *http2.Framer {
 
 // readLoop reads frames on the calling goroutine until the connection ends.
 func (c *h2Conn) readLoop() {
-	fr := newFramer(c.conn)
+	c.fr = newFramer(c.conn)
 	for {
-		if err := c.frame(fr); err != nil {
+		if err := c.frame(c.fr); err != nil {
 			c.fail(err)
 			return
 		}
@@ -486,6 +487,12 @@ func (c *h2Conn) handle(f http2.Frame) error {
 
 func (c *h2Conn) onSettings(f *http2.SettingsFrame) error {
 	if f.IsAck() {
+		// The client now knows our header table size is 0: every header
+		// block it sends from here on starts by emptying its table, so
+		// nothing indexed before (the first request's fields, often) is
+		// referred to again. A fresh decoder drops the table's memory,
+		// which evicting its entries would keep.
+		c.fr.ReadMetaHeaders = hpack.NewDecoder(0, nil)
 		return nil
 	}
 	err := f.ForeachSetting(func(s http2.Setting) error {
@@ -510,11 +517,9 @@ func (c *h2Conn) onSettings(f *http2.SettingsFrame) error {
 			c.mu.Lock()
 			c.maxFrame = int(s.Val)
 			c.mu.Unlock()
-		case http2.SettingHeaderTableSize:
-			c.wmu.Lock()
-			c.enc.SetMaxDynamicTableSizeLimit(min(s.Val, 4096))
-			c.wmu.Unlock()
 		}
+		// SETTINGS_HEADER_TABLE_SIZE needs nothing: the encoder's table is
+		// 0, within any limit.
 		return nil
 	})
 	if err != nil {
@@ -643,7 +648,9 @@ func (c *h2Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		c.s.handlers.Done()
 		return c.resetStream(id, http2.ErrCodeProtocol)
 	}
-	ctx, cancel := context.WithCancel(c.ctx)
+	// Not a child of a connection context: close ends every stream it
+	// knows of, and a parent's table of children would outlive them.
+	ctx, cancel := context.WithCancel(context.Background())
 	st := &h2Stream{c: c, id: id, cancel: cancel, recvAvail: h2StreamWindow, bodyEnd: f.StreamEnded()}
 	c.mu.Lock()
 	st.sendWin = c.initWin
@@ -651,7 +658,11 @@ func (c *h2Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	if c.idle != nil {
 		c.idle.Stop()
 	}
+	closed := c.err != nil // close has been and did not see st
 	c.mu.Unlock()
+	if closed {
+		cancel()
+	}
 	if !st.bodyEnd {
 		req.Body = &h2Body{st: st}
 	}
@@ -712,6 +723,17 @@ func (c *h2Conn) runHandler(w *h2Response, r *http.Request) {
 	}()
 	c.s.Handler.ServeHTTP(w, r)
 	w.finish()
+	if w.detached {
+		// As with net/http, the request's context ends when its handler
+		// returns; a detached stream lives on without it.
+		c.mu.Lock()
+		cancel := w.st.cancel
+		w.st.cancel = nil
+		c.mu.Unlock()
+		if cancel != nil {
+			cancel()
+		}
+	}
 }
 
 // endStream forgets st: its context ends, a reader of its body gets err,
@@ -736,10 +758,14 @@ func (c *h2Conn) endStream(st *h2Stream, err error) {
 	st.body = nil
 	gone := st.onGone
 	st.onGone = nil
+	cancel := st.cancel
+	st.cancel = nil
 	c.cond.Broadcast()
 	c.armIdleLocked()
 	c.mu.Unlock()
-	st.cancel()
+	if cancel != nil {
+		cancel()
+	}
 	if gone != nil {
 		gone()
 	}
@@ -836,7 +862,6 @@ func (c *h2Conn) close(err error) {
 		watch.Stop()
 	}
 	c.conn.Close()
-	c.stop()
 	for _, st := range streams {
 		c.endStream(st, err)
 	}
@@ -854,6 +879,7 @@ func (c *h2Conn) writeSettings() error {
 		{ID: http2.SettingMaxConcurrentStreams, Val: h2MaxStreams},
 		{ID: http2.SettingInitialWindowSize, Val: h2StreamWindow},
 		{ID: http2.SettingMaxHeaderListSize, Val: h2MaxHeaderList},
+		{ID: http2.SettingHeaderTableSize, Val: 0}, // see onSettings
 	} {
 		p = append(p, byte(s.ID>>8), byte(s.ID), byte(s.Val>>24), byte(s.Val>>16), byte(s.Val>>8), byte(s.Val))
 	}

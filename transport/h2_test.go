@@ -504,6 +504,54 @@ func TestH2ProtocolErrors(t *testing.T) {
 	}
 }
 
+// TestH2HeaderTable: the server keeps no HPACK dynamic table. A client
+// may index fields before it has the server's SETTINGS, and requests after
+// it acknowledges them still decode; a client that acknowledges and then
+// refers to its old entries anyway is a COMPRESSION_ERROR.
+func TestH2HeaderTable(t *testing.T) {
+	e := newH2Env(t, time.Second)
+	statusOf := func(c *rawH2, id uint32) string {
+		h := c.next(func(f http2.Frame) bool {
+			h, ok := f.(*http2.MetaHeadersFrame)
+			return ok && h.StreamID == id
+		}).(*http2.MetaHeadersFrame)
+		return h.PseudoValue("status")
+	}
+	serverSettings := func(c *rawH2) *http2.SettingsFrame {
+		return c.next(func(f http2.Frame) bool { s, ok := f.(*http2.SettingsFrame); return ok && !s.IsAck() }).(*http2.SettingsFrame)
+	}
+
+	c := dialRawH2(t, e.addr)
+	c.get(1, "/empty") // indexed in the client's table, before any ACK
+	s := serverSettings(c)
+	if v, ok := s.Value(http2.SettingHeaderTableSize); !ok || v != 0 {
+		t.Fatalf("SETTINGS_HEADER_TABLE_SIZE = %d (sent: %v), want 0", v, ok)
+	}
+	if got := statusOf(c, 1); got != "204" {
+		t.Fatalf("first request: status %q", got)
+	}
+	c.enc.SetMaxDynamicTableSizeLimit(0)
+	c.fr.WriteSettingsAck()
+	for _, id := range []uint32{3, 5} {
+		c.get(id, "/empty")
+		if got := statusOf(c, id); got != "204" {
+			t.Fatalf("request %d after the ACK: status %q", id, got)
+		}
+	}
+
+	bad := dialRawH2(t, e.addr)
+	bad.get(1, "/empty")
+	serverSettings(bad)
+	statusOf(bad, 1)
+	bad.fr.WriteSettingsAck()
+	bad.get(3, "/empty") // its encoder still refers to its table
+	g := bad.next(func(f http2.Frame) bool { _, ok := f.(*http2.GoAwayFrame); return ok }).(*http2.GoAwayFrame)
+	if g.ErrCode != http2.ErrCodeCompression {
+		t.Fatalf("GOAWAY %v, want %v", g.ErrCode, http2.ErrCodeCompression)
+	}
+	bad.waitClosed("GOAWAY")
+}
+
 // TestH2Shutdown: Shutdown sends GOAWAY, lets a response under way finish,
 // and closes an idle connection.
 func TestH2Shutdown(t *testing.T) {
