@@ -330,28 +330,20 @@ func (f *feed) publish(evs []model.Event, afterLoss bool) {
 	for _, it := range items {
 		f.ring.push(it)
 		f.cursor = it.ID
-		cost := it.Cost()
-		for j := 0; j < len(f.live); {
-			sub := f.live[j]
-			if h := sub.held.Load(); h > 0 && h+cost > budget {
-				f.demote(j)
-				continue
-			}
-			select {
-			case sub.q <- it:
-				sub.held.Add(cost)
-				j++
-			default:
-				f.demote(j)
-			}
+	}
+	for j := 0; j < len(f.live); {
+		// A subscriber whose queue does not take the whole batch keeps
+		// what it took and catches up on the rest.
+		if !f.live[j].enqueue(items, budget, f.s.opts.QueueLen) {
+			f.demote(j)
+			continue
 		}
+		j++
 	}
 	// Once per batch, not per event: a reader woken by the first event
 	// would find only that one.
 	for _, sub := range f.live {
-		if sub.ready != nil {
-			sub.ready()
-		}
+		sub.wakeUp()
 	}
 	f.mu.Unlock()
 	for i := range evs {

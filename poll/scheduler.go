@@ -391,7 +391,17 @@ func (s *Scheduler) PullNow(k model.AgentKey) {
 // called. A town has one feed, shared by all its subscribers, as an agent
 // has.
 func (s *Scheduler) Subscribe(ctx context.Context, k model.AgentKey, afterID int64) (*Subscription, error) {
-	return s.SubscribeFunc(ctx, k, afterID, nil)
+	kick := make(chan struct{}, 1)
+	sub, err := s.SubscribeFunc(ctx, k, afterID, func() {
+		select {
+		case kick <- struct{}{}:
+		default:
+		}
+	})
+	if sub != nil {
+		sub.kick = kick
+	}
+	return sub, err
 }
 
 // SubscribeFunc is Subscribe for a reader that waits on no goroutine of its
@@ -409,8 +419,6 @@ func (s *Scheduler) SubscribeFunc(ctx context.Context, k model.AgentKey, afterID
 	sub := &Subscription{
 		f:        f,
 		cursor:   afterID,
-		q:        make(chan *Item, s.opts.QueueLen),
-		kick:     make(chan struct{}, 1),
 		ready:    ready,
 		catching: true,
 	}

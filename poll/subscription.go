@@ -34,11 +34,17 @@ func (e *GapError) Error() string {
 // exactly once. Next and TryNext are for one goroutine at a time; Close may
 // be called from any.
 type Subscription struct {
-	f       *feed
-	q       chan *Item    // live items; only the feed sends, under f.mu
-	kick    chan struct{} // capacity 1: demoted or closed while waiting
-	ready   func()        // from SubscribeFunc: called when TryNext has something new
-	lagging atomic.Bool   // set by the feed when it took us off the live path
+	f     *feed
+	kick  chan struct{} // Subscribe's, for Next: capacity 1, sent on by ready
+	ready func()        // called when TryNext has something new
+	// qmu guards q, the live items queued by the feed (under f.mu as
+	// well), oldest first from q[qhead]. A slice rather than a channel
+	// of Options.QueueLen: it holds what waits, not room for the most
+	// that may, which on an idle subscription was most of its memory.
+	qmu     sync.Mutex
+	q       []*Item
+	qhead   int
+	lagging atomic.Bool // set by the feed when it took us off the live path
 	closed  atomic.Bool
 	once    sync.Once
 	stopCtx func() bool
@@ -56,7 +62,6 @@ type Subscription struct {
 	cursor   int64 // the last id returned
 	catching bool  // not on the live path: reading ring or Source
 	batch    int64 // the cost of the batch last returned
-	pending  *Item // taken from q, left for the next batch; counted in held
 	// On a town subscription: the agents' gaps found and not yet returned,
 	// and for each agent the id through which its loss has been told, so
 	// that it is told once.
@@ -65,13 +70,33 @@ type Subscription struct {
 }
 
 func (s *Subscription) wakeUp() {
-	select {
-	case s.kick <- struct{}{}:
-	default:
-	}
 	if s.ready != nil {
 		s.ready()
 	}
+}
+
+// enqueue queues items for the subscriber, as many as its queue and the
+// byte budget take, and reports whether all of them fitted. Called with
+// f.mu held.
+func (s *Subscription) enqueue(items []*Item, budget int64, limit int) bool {
+	s.qmu.Lock()
+	if s.qhead > 0 && len(s.q) == cap(s.q) {
+		// Room at the front, from items read: use it before growing.
+		n := copy(s.q, s.q[s.qhead:])
+		clear(s.q[n:])
+		s.q, s.qhead = s.q[:n], 0
+	}
+	for _, it := range items {
+		cost := it.Cost()
+		if h := s.held.Load(); h > 0 && h+cost > budget || len(s.q)-s.qhead >= limit {
+			s.qmu.Unlock()
+			return false
+		}
+		s.q = append(s.q, it)
+		s.held.Add(cost)
+	}
+	s.qmu.Unlock()
+	return true
 }
 
 // Cursor is the id of the last event Next returned (or the starting cursor).
@@ -81,6 +106,8 @@ func (s *Subscription) Cursor() int64 { return s.cursor }
 // max of them to buf[:0] in id order and returns it. It returns ctx's error
 // when ctx ends, ErrClosed after Close, a *GapError when events were pruned
 // before they could be read (call Next again to go on), or a Source error.
+// It is for subscriptions made with Subscribe; one made with SubscribeFunc
+// is read with TryNext.
 func (s *Subscription) Next(ctx context.Context, buf []*Item, max int) ([]*Item, error) {
 	for {
 		buf, err := s.TryNext(ctx, buf, max)
@@ -88,13 +115,12 @@ func (s *Subscription) Next(ctx context.Context, buf []*Item, max int) ([]*Item,
 			return buf, err
 		}
 		select {
-		case it := <-s.q:
-			s.pending = it // TryNext returned nothing, so there was none
 		case <-s.kick:
-			// Demoted, closed, or the feed shut down (it kicks every live
-			// subscriber): TryNext sees which. The feed's own Done channel
-			// stays out of this select: thousands of subscribers blocking
-			// on one shared channel contend on its lock.
+			// Events queued, demoted, closed, or the feed shut down (it
+			// kicks every live subscriber): TryNext sees which. The feed's
+			// own Done channel stays out of this select: thousands of
+			// subscribers blocking on one shared channel contend on its
+			// lock.
 		case <-ctx.Done():
 			return buf, ctx.Err()
 		}
@@ -155,7 +181,7 @@ func (s *Subscription) TryNext(ctx context.Context, buf []*Item, max int) (_ []*
 }
 
 // drain appends queued live items to buf, up to max of them and the
-// byte budget (an item that does not fit waits in pending). Items at or
+// byte budget (an item that does not fit stays queued). Items at or
 // before the cursor are dropped: a subscriber that read ahead of the feed
 // from the Source sees those events again live.
 func (s *Subscription) drain(buf []*Item, max int) []*Item {
@@ -164,21 +190,15 @@ func (s *Subscription) drain(buf []*Item, max int) []*Item {
 	for _, it := range buf {
 		size += it.Cost()
 	}
-	for len(buf) < max {
-		it := s.pending
-		if it == nil {
-			select {
-			case it = <-s.q:
-			default:
-				return buf
-			}
-		}
+	s.qmu.Lock()
+	for len(buf) < max && s.qhead < len(s.q) {
+		it := s.q[s.qhead]
 		cost := it.Cost()
 		if len(buf) > 0 && size+cost > budget {
-			s.pending = it
-			return buf
+			break
 		}
-		s.pending = nil
+		s.q[s.qhead] = nil
+		s.qhead++
 		s.held.Add(-cost) // out of the queue; the batch is counted at return
 		if it.ID <= s.cursor {
 			continue
@@ -187,7 +207,22 @@ func (s *Subscription) drain(buf []*Item, max int) []*Item {
 		size += cost
 		buf = append(buf, it)
 	}
+	if s.qhead == len(s.q) {
+		s.q, s.qhead = s.q[:0], 0
+	}
+	s.qmu.Unlock()
 	return buf
+}
+
+// Trim lets go of the room an empty queue keeps for the next events, which
+// after a burst may be Options.QueueLen of them. It is for a reader going
+// quiet; queueing again takes it back.
+func (s *Subscription) Trim() {
+	s.qmu.Lock()
+	if s.qhead == len(s.q) {
+		s.q, s.qhead = nil, 0
+	}
+	s.qmu.Unlock()
 }
 
 // catchUp brings the subscriber up to the feed: from the feed's ring when it

@@ -432,6 +432,7 @@ func (p *pump) run() {
 		// A quiet stream keeps no batch buffers: after a backfill they hold
 		// up to maxBatch entries, and the items' events with them.
 		p.items, p.frames = nil, nil
+		p.sub.Trim()
 		if p.pending.CompareAndSwap(n, 0) {
 			return
 		}
