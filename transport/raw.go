@@ -105,16 +105,12 @@ func (s *Raw) Format() Format {
 	return FormatSSE
 }
 
-// WriteEvents writes every frame with one writev.
+// WriteEvents writes every frame with one write (writeFrames).
 func (s *Raw) WriteEvents(frames [][]byte) error {
 	if err := s.dl.refresh(); err != nil {
 		return err
 	}
-	s.bufs = append(s.bufs[:0], frames...)
-	b := s.bufs
-	_, err := b.WriteTo(s.out)
-	s.bufs = reuse(s.bufs)
-	return err
+	return writeFrames(s.out, &s.bufs, frames)
 }
 
 func (s *Raw) WriteNotice(name string, payload []byte) error {

@@ -11,6 +11,7 @@ package transport
 
 import (
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"strconv"
@@ -177,9 +178,13 @@ func (w *fixedWriter) Write(p []byte) (int, error) {
 // has passed, rather than before every write, saves that on nearly every
 // write of a busy stream. A client that accepts nothing is so dropped
 // after between 3/4 and all of WriteTimeout.
+//
+// It reads only the monotonic clock, as an offset from the first refresh:
+// time.Now reads the wall clock too, a second clock read per write.
 type writeDeadline struct {
 	timeout time.Duration
-	at      time.Time
+	epoch   time.Time     // the first refresh's time.Now
+	at      time.Duration // the deadline, after epoch
 	set     func(time.Time) error
 }
 
@@ -187,10 +192,29 @@ func (d *writeDeadline) refresh() error {
 	if d.timeout <= 0 {
 		return nil
 	}
-	now := time.Now()
-	if d.at.Sub(now) > d.timeout*3/4 {
+	if d.epoch.IsZero() {
+		d.epoch = time.Now()
+	}
+	now := time.Since(d.epoch)
+	if d.at-now > d.timeout*3/4 {
 		return nil
 	}
-	d.at = now.Add(d.timeout)
-	return d.set(d.at)
+	d.at = now + d.timeout
+	return d.set(d.epoch.Add(d.at))
+}
+
+// writeFrames writes frames to w with one system call: a write for a
+// single frame, the common case, and a writev for more (net.Buffers costs
+// an iovec array, and the kernel its import, even for one). bufs is the
+// caller's list for the writev, kept for the next call.
+func writeFrames(w io.Writer, bufs *net.Buffers, frames [][]byte) error {
+	if len(frames) == 1 {
+		_, err := w.Write(frames[0])
+		return err
+	}
+	*bufs = append((*bufs)[:0], frames...)
+	b := *bufs // WriteTo consumes its receiver
+	_, err := b.WriteTo(w)
+	*bufs = reuse(*bufs)
+	return err
 }

@@ -84,18 +84,15 @@ func (s *WS) Kind() string   { return "ws" }
 func (s *WS) Proto() string  { return "HTTP/1.1" }
 func (s *WS) Format() Format { return FormatWS }
 
-// WriteEvents writes every frame with one writev under a write deadline.
+// WriteEvents writes every frame with one write (writeFrames) under a
+// write deadline.
 func (s *WS) WriteEvents(frames [][]byte) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.bufs = append(s.bufs[:0], frames...)
-	b := s.bufs // WriteTo consumes its receiver; keep s.bufs for reuse
 	if err := s.setDeadline(); err != nil {
 		return err
 	}
-	_, err := b.WriteTo(s.out)
-	s.bufs = reuse(s.bufs)
-	return err
+	return writeFrames(s.out, &s.bufs, frames)
 }
 
 func (s *WS) WriteNotice(name string, payload []byte) error {
