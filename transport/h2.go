@@ -918,11 +918,17 @@ func (c *h2Conn) writeLocked(bufs net.Buffers) error {
 		return err
 	}
 	var err error
-	if _, ok := c.out.(*net.TCPConn); ok {
+	_, bare := c.out.(*net.TCPConn)
+	switch {
+	case len(bufs) == 1:
+		_, err = c.out.Write(bufs[0])
+	case bare && buffersLen(bufs) > gatherMax:
 		_, err = bufs.WriteTo(c.out)
-	} else {
+	default:
 		// Through TLS each buffer would be a record of its own: one
-		// write, one record (or a few, for a large batch), instead.
+		// write, one record (or a few, for a large batch), instead. On a
+		// bare socket a small write, an event's DATA frame and its
+		// header, is cheaper copied and written than sent with writev.
 		b := writeBufs.Get().(*[]byte)
 		for _, p := range bufs {
 			*b = append(*b, p...)
@@ -938,6 +944,19 @@ func (c *h2Conn) writeLocked(bufs net.Buffers) error {
 		return err
 	}
 	return nil
+}
+
+// gatherMax is the size up to which a bare socket's write of several
+// buffers is copied into one: a copy of a few KiB costs less than writev's
+// iovec array and the kernel's import of it.
+const gatherMax = 4 << 10
+
+func buffersLen(bufs net.Buffers) int {
+	n := 0
+	for _, b := range bufs {
+		n += len(b)
+	}
+	return n
 }
 
 // writeBufs gather a write's frames for a connection that is not a bare
