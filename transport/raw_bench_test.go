@@ -66,9 +66,15 @@ func rawStream(b *testing.B) (*Raw, func()) {
 		resp.Body.Close()
 		read <- err
 	}()
-	st, ok := <-streams
-	if !ok {
-		b.FailNow()
+	var st *Raw
+	select {
+	case s, ok := <-streams:
+		if !ok {
+			b.FailNow()
+		}
+		st = s
+	case err := <-read: // the client failed before the stream opened
+		b.Fatalf("client: %v", err)
 	}
 	return st, func() {
 		st.Close(ReasonEnded)
